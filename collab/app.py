@@ -1,0 +1,112 @@
+"""Wiring: settings → store, bus, hub, routes. The only place the layers meet."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route, WebSocketRoute
+
+from collab.bus import Bus, BusMessage, LocalBus, LocalNetwork
+from collab.hub import Hub
+from collab.logs import get_logger
+from collab.metrics import Metrics
+from collab.settings import Settings
+from collab.transport import WebsocketEndpoint
+from storage import Store, open_store
+
+log = get_logger("collab.app")
+
+
+def make_bus(settings: Settings, network: LocalNetwork | None = None) -> Callable[[Callable[[BusMessage], None]], Bus]:
+    def factory(deliver: Callable[[BusMessage], None]) -> Bus:
+        if settings.redis:
+            from collab.redisbus import RedisBus  # optional at run time: only with --redis
+
+            return RedisBus(settings.redis, settings.node_id, deliver)
+        return LocalBus(settings.node_id, deliver, network)
+
+    return factory
+
+
+def create_app(settings: Settings, *, store: Store | None = None, network: LocalNetwork | None = None,
+               clock: Callable[[], float] = time.monotonic) -> Starlette:
+    metrics = Metrics()
+    store = store or open_store(settings.store, synchronous=settings.sqlite_synchronous)
+    hub = Hub(settings, store, metrics, make_bus(settings, network), clock=clock)
+    started = time.time()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        await store.open()
+        if settings.dev_mode:
+            log.warning("OPEN DEV MODE: no --secret set, anyone who can reach this port can read and edit every room")
+        ready = asyncio.Event()
+        hub_task = asyncio.create_task(hub.run(ready))
+        await ready.wait()
+        log.info("serving", host=settings.host, port=settings.port, store=_safe_url(settings.store),
+                 bus="redis" if settings.redis else "in-process", node=settings.node_id)
+        try:
+            yield
+        finally:
+            log.info("draining")
+            try:
+                async with asyncio.timeout(settings.drain_seconds):
+                    await hub.drain()
+            except TimeoutError:
+                log.error("drain timed out; some rooms may not have flushed")
+            hub_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await hub_task
+            await store.close()
+            log.info("stopped")
+
+    async def healthz(_request: Request) -> Response:
+        return JSONResponse({"status": "ok", "uptime_seconds": round(time.time() - started, 1)})
+
+    async def readyz(_request: Request) -> Response:
+        checks: dict[str, str] = {}
+        ok = True
+        try:
+            async with asyncio.timeout(2):
+                await store.ping()
+            checks["storage"] = "ok"
+        except Exception:  # noqa: BLE001 - any failure means not ready; the reason is logged, not shown
+            log.exception("readiness: storage ping failed")
+            checks["storage"] = "unreachable"
+            ok = False
+        checks["bus"] = "ok" if hub.bus.healthy else "degraded"
+        if not hub.accepting:
+            checks["server"] = "draining"
+            ok = False
+        return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
+
+    async def metrics_endpoint(_request: Request) -> Response:
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    routes = [
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics_endpoint),
+        WebSocketRoute("/{room:path}", WebsocketEndpoint(hub)),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.hub = hub
+    app.state.metrics = metrics
+    app.state.settings = settings
+    app.state.store = store
+    return app
+
+
+def _safe_url(url: str) -> str:
+    """A store URL without its password, for logs."""
+    if "://" in url and "@" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+    return url

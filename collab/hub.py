@@ -1,0 +1,218 @@
+"""The hub: which rooms are loaded, loading them once, unloading them when idle.
+
+Theory of operation
+-------------------
+* Single-flight load: concurrent joiners of a room that is not loaded share one load task. The
+  load subscribes to the bus *first*, then reads storage, so no peer update can fall between the
+  two (updates arriving meanwhile are buffered and applied once the Doc exists).
+* A failed load leaves nothing behind — no cached empty document that could later overwrite the
+  real one — and the joiner is refused with 1013 so it retries.
+* A room unloads once it has had no members for ``room_grace_seconds`` and its writer is idle
+  (everything durable). Memory follows active rooms.
+* Every long-lived task (room writers, compactions, the janitor) belongs to the hub's task group,
+  which the app's lifespan owns. ``drain`` waits for every room to be durable before stopping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pycrdt
+
+from collab import closecodes, protocol
+from collab.bus import Bus, BusMessage
+from collab.connection import Connection
+from collab.logs import get_logger
+from collab.metrics import Metrics
+from collab.room import Room
+from collab.settings import Settings
+from storage import Store
+
+
+class RoomUnavailable(Exception):
+    """The room could not be loaded (storage down, corrupt data); the joiner should retry."""
+
+
+class Hub:
+    def __init__(self, settings: Settings, store: Store, metrics: Metrics,
+                 bus_factory: Callable[[Callable[[BusMessage], None]], Bus],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.store = store
+        self.metrics = metrics
+        self.clock = clock
+        self.log = get_logger("collab.hub").bind(node=settings.node_id)
+        self.bus = bus_factory(self.deliver)
+        self.rooms: dict[str, Room] = {}
+        self.connections: set[Connection] = set()
+        self._loading: dict[str, asyncio.Task[Room]] = {}
+        self._early: dict[str, list[BusMessage]] = {}
+        self._room_tasks: dict[str, asyncio.Task[None]] = {}
+        self._tg: asyncio.TaskGroup | None = None
+        self.accepting = True
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        assert self._tg is not None, "hub not started"
+        return self._tg.create_task(coro)
+
+    async def run(self, ready: asyncio.Event) -> None:
+        """Run until cancelled; the task group owns every room writer and the janitor."""
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            await self.bus.start()
+            tg.create_task(self._janitor())
+            ready.set()
+            try:
+                await asyncio.Event().wait()
+            finally:
+                self._tg = None
+
+    async def drain(self) -> None:
+        """Stop accepting, close every socket with 1012, make every room durable."""
+        self.accepting = False
+        for conn in list(self.connections):
+            conn.close(closecodes.SERVER_RESTART, "server restarting")
+        for room in list(self.rooms.values()):
+            await room.wait_idle()
+        for task in list(self._loading.values()):
+            task.cancel()
+        await self.bus.stop()
+
+    # -- rooms ---------------------------------------------------------------------------------
+
+    async def acquire(self, name: str) -> Room:
+        room = self.rooms.get(name)
+        if room is not None and not room.poisoned:
+            return room
+        task = self._loading.get(name)
+        if task is None:
+            task = self.spawn(self._load(name))
+            self._loading[name] = task
+            task.add_done_callback(lambda _t, n=name: self._loading.pop(n, None))
+        try:
+            return await asyncio.shield(task)
+        except RoomUnavailable:
+            raise
+        except asyncio.CancelledError:
+            if task.cancelled():
+                raise RoomUnavailable("room load cancelled") from None
+            raise
+
+    async def _load(self, name: str) -> Room:
+        started = time.perf_counter()
+        self._early[name] = []
+        try:
+            await self.bus.subscribe(name)
+            state = await self.store.load(name)
+            doc = pycrdt.Doc()
+            if state.snapshot:
+                doc.apply_update(state.snapshot)
+            for update in state.updates:
+                doc.apply_update(update)
+        except Exception as exc:
+            self._early.pop(name, None)
+            try:
+                await self.bus.unsubscribe(name)
+            except Exception:  # noqa: BLE001 - already failing; the load error is what matters
+                pass
+            self.metrics.storage_errors.inc()
+            self.log.exception("room load failed", room=name)
+            raise RoomUnavailable(name) from exc
+        s = self.settings
+        room = Room(name, doc, store=self.store, bus=self.bus, metrics=self.metrics, clock=self.clock,
+                    log=self.log, tail_updates=len(state.updates), tail_bytes=state.tail_bytes,
+                    compact_after_updates=s.compact_after_updates, compact_after_bytes=s.compact_after_bytes,
+                    max_client_ids=s.max_client_ids, on_poisoned=self._unload_poisoned, spawn=self.spawn)
+        self.rooms[name] = room
+        self._room_tasks[name] = self.spawn(room.run())
+        self.metrics.rooms_loaded.set(len(self.rooms))
+        for message in self._early.pop(name, []):
+            self._deliver_to(room, message)
+        self.metrics.room_load_seconds.observe(time.perf_counter() - started)
+        self.log.debug("room loaded", room=name, tail=len(state.updates), seconds=round(time.perf_counter() - started, 4))
+        return room
+
+    def _unload_poisoned(self, room: Room) -> None:
+        self._forget(room)
+
+    def _forget(self, room: Room) -> None:
+        if self.rooms.get(room.name) is room:
+            del self.rooms[room.name]
+        task = self._room_tasks.pop(room.name, None)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+        self.metrics.rooms_loaded.set(len(self.rooms))
+        self.spawn(self._after_unload(room))
+
+    async def _after_unload(self, room: Room) -> None:
+        if room.name not in self.rooms and room.name not in self._loading:
+            await self.bus.unsubscribe(room.name)
+        if room.tail_updates > 0 and not room.poisoned:
+            # Fold the log now so that the next cold join reads one snapshot.
+            if room.compaction is not None:
+                await asyncio.wait([room.compaction])
+            try:
+                if await self.store.compact(room.name):
+                    self.metrics.compactions.inc()
+            except Exception:
+                self.metrics.storage_errors.inc()
+                self.log.exception("compaction on unload failed", room=room.name)
+
+    def unload_idle(self) -> None:
+        now = self.clock()
+        for room in list(self.rooms.values()):
+            if (room.empty_since is not None and now - room.empty_since >= self.settings.room_grace_seconds
+                    and room.idle):
+                self._forget(room)
+                self.log.debug("room unloaded", room=room.name)
+
+    # -- connections ---------------------------------------------------------------------------
+
+    def register(self, conn: Connection) -> None:
+        self.connections.add(conn)
+
+    def unregister(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+
+    # -- bus -----------------------------------------------------------------------------------
+
+    def deliver(self, message: BusMessage) -> None:
+        room = self.rooms.get(message.room)
+        if room is not None:
+            self._deliver_to(room, message)
+        elif message.room in self._early:
+            self._early[message.room].append(message)
+
+    def _deliver_to(self, room: Room, message: BusMessage) -> None:
+        if message.kind == "update":
+            room.deliver_update(message.payload)
+        elif message.kind == "awareness":
+            room.deliver_awareness(message.payload)
+
+    # -- housekeeping --------------------------------------------------------------------------
+
+    async def _janitor(self) -> None:
+        s = self.settings
+        while True:
+            await asyncio.sleep(min(1.0, s.keepalive_seconds / 3, max(s.room_grace_seconds, 0.05)))
+            self.housekeeping()
+
+    def housekeeping(self) -> None:
+        now = self.clock()
+        s = self.settings
+        wall = time.time()
+        for conn in list(self.connections):
+            expires = conn.identity.expires_at
+            if expires is not None and wall >= expires:
+                conn.close(closecodes.UNAUTHORIZED, "token expired")
+            elif now - conn.last_sent >= s.keepalive_seconds:
+                conn.last_sent = now
+                conn.send(protocol.KEEPALIVE_FRAME)
+        for room in list(self.rooms.values()):
+            room.expire_awareness(s.awareness_timeout_seconds)
+        self.unload_idle()

@@ -1,0 +1,307 @@
+"""A room: one document, its members, its awareness — and the single funnel for changes.
+
+Theory of operation
+-------------------
+* ``commit(origin, update)`` is the only code path that changes the document. It applies the
+  update to the Doc (which is how pycrdt validates it semantically) and enqueues it; the room's
+  writer task then makes the queued batch durable and only afterwards relays it. What happens to a
+  change — stored? relayed to local members? published to other nodes? — is decided by its origin
+  in one table, ``EFFECTS``.
+* Durable before relayed: the writer awaits the store for a whole batch (the store group-commits
+  across rooms), then walks the batch in order. A sync reply computed while updates were still
+  in flight is queued behind them (``reply_after_durable``), so no joiner ever sees state that
+  storage does not have.
+* If storage fails, the in-memory Doc is ahead of storage. The room is then *poisoned*: every
+  member is closed with 1013 and the room is unloaded; on reconnect the room reloads from storage
+  and the clients' own sync step 2 re-sends what was lost. Nothing undurable is ever relayed.
+* Each client connection can have at most ``max_inflight`` updates awaiting commit; past that its
+  reader pauses (TCP backpressure) — a flood cannot queue unbounded work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pycrdt
+
+from collab import closecodes, protocol
+from collab.protocol import (
+    AuthMessage,
+    AwarenessUpdate,
+    Message,
+    ProtocolError,
+    QueryAwareness,
+    SyncStep1,
+    SyncStep2,
+    SyncUpdate,
+)
+from presence import RoomAwareness
+
+if TYPE_CHECKING:
+    from collab.bus import Bus
+    from collab.connection import Connection
+    from collab.metrics import Metrics
+    from storage import Store
+
+
+class Origin(enum.Enum):
+    CLIENT = "client"  # a member of this room on this node
+    PEER = "peer"  # another node, via the bus (it already stored the change)
+    SERVER = "server"  # the server itself: undo, REST, seeding
+
+
+@dataclass(frozen=True, slots=True)
+class Effects:
+    persist: bool
+    relay: bool
+    publish: bool
+
+
+EFFECTS: dict[Origin, Effects] = {
+    Origin.CLIENT: Effects(persist=True, relay=True, publish=True),
+    Origin.PEER: Effects(persist=False, relay=True, publish=False),
+    Origin.SERVER: Effects(persist=True, relay=True, publish=True),
+}
+
+
+@dataclass(slots=True)
+class _Pending:
+    effects: Effects | None  # None: a deferred send, not an update
+    frame: bytes
+    update: bytes = b""
+    source: Connection | None = None
+    author: str | None = None
+    received: float = 0.0
+
+
+class Room:
+    def __init__(self, name: str, doc: pycrdt.Doc, *, store: Store, bus: Bus, metrics: Metrics,
+                 clock: Callable[[], float], log, tail_updates: int = 0, tail_bytes: int = 0,
+                 compact_after_updates: int = 500, compact_after_bytes: int = 1 << 20,
+                 max_client_ids: int = 8, on_poisoned: Callable[[Room], None] | None = None,
+                 spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]] | None = None) -> None:
+        self.name = name
+        self.doc = doc
+        self.store = store
+        self.bus = bus
+        self.metrics = metrics
+        self.clock = clock
+        self.log = log.bind(room=name)
+        self.members: set[Connection] = set()
+        self.awareness = RoomAwareness(max_client_ids_per_owner=max_client_ids)
+        self.empty_since: float | None = clock()
+        self.poisoned = False
+        self.tail_updates = tail_updates
+        self.tail_bytes = tail_bytes
+        self.compact_after_updates = compact_after_updates
+        self.compact_after_bytes = compact_after_bytes
+        self.compaction: asyncio.Task[None] | None = None
+        self._on_poisoned = on_poisoned
+        self._spawn = spawn or asyncio.get_running_loop().create_task
+        self._queue: list[_Pending] = []
+        self._queued = asyncio.Event()
+        self._undurable = 0  # updates applied to the Doc but not yet committed
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- membership ----------------------------------------------------------------------------
+
+    def join(self, conn: Connection) -> None:
+        self.members.add(conn)
+        self.empty_since = None
+        self.metrics.connections.inc()
+        conn.send(protocol.encode_sync_step1(self.doc.get_state()))
+        entries = self.awareness.snapshot()
+        if entries:
+            conn.send(protocol.encode_awareness(entries))
+
+    def leave(self, conn: Connection) -> None:
+        if conn not in self.members:
+            return
+        self.members.discard(conn)
+        self.metrics.connections.dec()
+        removed = self.awareness.remove_owner(conn, self.clock())
+        if removed:
+            self._broadcast_awareness(removed, exclude=None)
+        if not self.members:
+            self.empty_since = self.clock()
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued or in flight: safe to unload."""
+        return self._idle.is_set() and not self._queue
+
+    async def wait_idle(self) -> None:
+        while not self.idle:
+            await self._idle.wait()
+            await asyncio.sleep(0)
+
+    # -- messages from members -----------------------------------------------------------------
+
+    async def handle(self, conn: Connection, message: Message) -> None:
+        if isinstance(message, SyncUpdate | SyncStep2):
+            if not conn.identity.can_edit:
+                self.metrics.updates_rejected.inc()
+                if not conn.told_read_only:
+                    conn.told_read_only = True
+                    conn.send(protocol.encode_permission_denied("read-only: your edits are not saved"))
+                return
+            await conn.inflight.acquire()
+            try:
+                self.commit(Origin.CLIENT, message.update, source=conn, author=conn.identity.user_id)
+            except BaseException:
+                conn.inflight.release()
+                raise
+        elif isinstance(message, SyncStep1):
+            self.reply_after_durable(conn, protocol.encode_sync_step2(self.doc.get_update(message.state_vector)))
+        elif isinstance(message, AwarenessUpdate):
+            result = self.awareness.apply(conn, conn.identity.user_id, message.entries, self.clock())
+            if result.rejected:
+                self.metrics.awareness_rejected.inc(result.rejected)
+            if result.over_limit:
+                raise ProtocolError("too many awareness client ids", closecodes.BAD_MESSAGE)
+            if result.changed:
+                self._broadcast_awareness(result.changed, exclude=conn)
+        elif isinstance(message, QueryAwareness):
+            conn.send(protocol.encode_awareness(self.awareness.snapshot()))
+        elif isinstance(message, AuthMessage):
+            pass  # clients have nothing to tell us here; the token is the only credential
+
+    def _broadcast_awareness(self, entries: list, exclude: Connection | None) -> None:
+        frame = protocol.encode_awareness(entries)
+        for member in self.members:
+            if member is not exclude:
+                member.send(frame)
+        self.bus.publish(self.name, "awareness", frame)
+
+    def expire_awareness(self, timeout: float) -> None:
+        removed = self.awareness.expire(self.clock(), timeout)
+        if removed:
+            self._broadcast_awareness(removed, exclude=None)
+
+    # -- the funnel ----------------------------------------------------------------------------
+
+    def commit(self, origin: Origin, update: bytes, *, source: Connection | None = None,
+               author: str | None = None) -> None:
+        if self.poisoned:
+            raise ProtocolError("room unavailable", closecodes.TRY_AGAIN_LATER)
+        effects = EFFECTS[origin]
+        try:
+            self.doc.apply_update(update)
+        except Exception:
+            raise ProtocolError("update rejected by the document") from None
+        if origin is Origin.CLIENT:
+            self.metrics.updates_in.inc()
+        frame = protocol.encode_update(update)
+        self._enqueue(_Pending(effects, frame, update, source, author, time.perf_counter()))
+
+    def reply_after_durable(self, conn: Connection, frame: bytes) -> None:
+        """Send ``frame`` to one member once every update applied so far is durable."""
+        if self._undurable == 0 and not self._queue:
+            conn.send(frame)
+        else:
+            self._enqueue(_Pending(None, frame, source=conn))
+
+    def _enqueue(self, item: _Pending) -> None:
+        if item.effects is not None and item.effects.persist:
+            self._undurable += 1
+        self._queue.append(item)
+        self._idle.clear()
+        self._queued.set()
+
+    async def run(self) -> None:
+        """The room's writer: persist each queued batch, then relay it in order. Owned by the hub."""
+        store, metrics = self.store, self.metrics
+        while True:
+            await self._queued.wait()
+            batch, self._queue = self._queue, []
+            self._queued.clear()
+            to_store = [p for p in batch if p.effects is not None and p.effects.persist]
+            if to_store:
+                started = time.perf_counter()
+                try:
+                    now = time.time()
+                    await asyncio.gather(*(store.append(self.name, p.update, author=p.author, ts=now) for p in to_store))
+                except Exception:
+                    metrics.storage_errors.inc()
+                    self.log.exception("storage append failed; closing room members")
+                    self._poison(batch)
+                    return
+                metrics.commit_seconds.observe(time.perf_counter() - started)
+                self._undurable -= len(to_store)
+                self.tail_updates += len(to_store)
+                self.tail_bytes += sum(len(p.update) for p in to_store)
+            self._relay(batch)
+            if not self._queue:
+                self._idle.set()
+            self._maybe_compact()
+
+    def _relay(self, batch: list[_Pending]) -> None:
+        members = self.members
+        relayed = 0
+        for item in batch:
+            source = item.source
+            if item.effects is None:
+                if source is not None:
+                    source.send(item.frame)
+                continue
+            if item.effects.relay:
+                for member in members:
+                    if member is not source:
+                        member.send(item.frame)
+                        relayed += 1
+            if item.effects.publish:
+                self.bus.publish(self.name, "update", item.update)
+            if source is not None:
+                source.inflight.release()
+            self.metrics.relay_seconds.observe(time.perf_counter() - item.received)
+        if relayed:
+            self.metrics.updates_relayed.inc(relayed)
+
+    def _poison(self, batch: list[_Pending]) -> None:
+        self.poisoned = True
+        for item in batch:
+            if item.effects is not None and item.source is not None:
+                item.source.inflight.release()
+        for member in list(self.members):
+            member.close(closecodes.TRY_AGAIN_LATER, "storage unavailable")
+        self._queue.clear()
+        self._idle.set()
+        if self._on_poisoned is not None:
+            self._on_poisoned(self)
+
+    # -- compaction ----------------------------------------------------------------------------
+
+    def _maybe_compact(self) -> None:
+        if self.compaction is not None and not self.compaction.done():
+            return
+        if self.tail_updates >= self.compact_after_updates or self.tail_bytes >= self.compact_after_bytes:
+            self.compaction = self._spawn(self._compact())
+
+    async def _compact(self) -> None:
+        counted_updates, counted_bytes = self.tail_updates, self.tail_bytes
+        try:
+            if await self.store.compact(self.name):
+                self.metrics.compactions.inc()
+            self.tail_updates -= counted_updates
+            self.tail_bytes -= counted_bytes
+        except Exception:
+            self.metrics.storage_errors.inc()
+            self.log.exception("compaction failed")
+
+    # -- the bus -------------------------------------------------------------------------------
+
+    def deliver_update(self, update: bytes) -> None:
+        try:
+            self.commit(Origin.PEER, update)
+        except ProtocolError:
+            self.log.warning("peer update rejected")
+
+    def deliver_awareness(self, frame: bytes) -> None:
+        for member in self.members:
+            member.send(frame)

@@ -1,0 +1,144 @@
+"""Settings: read once (flags > environment ``COLLAB_*`` > defaults) into a frozen object.
+
+Nothing reads the environment at import time; ``load_settings`` is called by the CLI and the
+result is passed down. Every field is a documented, validated knob; limits say what they bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, get_type_hints
+
+
+class SettingsError(ValueError):
+    """A bad setting; the message is one line naming the setting."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = field(default="127.0.0.1", metadata={"help": "interface to listen on"})
+    port: int = field(default=1234, metadata={"help": "TCP port"})
+    store: str = field(
+        default="collab-data/collab.db",
+        metadata={"help": "SQLite path or sqlite:///… URL, or postgresql://… URL"},
+    )
+    secret: str | None = field(
+        default=None,
+        metadata={"help": "JWT signing secret (HS256); unset = open dev mode, anyone may edit"},
+    )
+    log_format: str = field(default="auto", metadata={"help": "json | console | auto (console on a tty)"})
+    log_level: str = field(default="info", metadata={"help": "debug | info | warning | error"})
+    redis: str | None = field(default=None, metadata={"help": "redis://… URL; unset = in-process bus"})
+    node_id: str = field(default="", metadata={"help": "this node's id on the bus (default: random)"})
+
+    # Limits (each bounds an attack or a resource; see README "Limits").
+    max_frame_bytes: int = field(
+        default=16 * 1024 * 1024, metadata={"help": "largest websocket message accepted (close 4413)"}
+    )
+    max_depth: int = field(default=64, metadata={"help": "deepest nesting in an update or awareness state"})
+    max_connections: int = field(default=10_000, metadata={"help": "open sockets per node (close 1013 past it)"})
+    outbox_max_bytes: int = field(
+        default=32 * 1024 * 1024, metadata={"help": "bytes queued to one slow client before close 1013"}
+    )
+    outbox_max_frames: int = field(default=4096, metadata={"help": "frames queued to one client before close 1013"})
+    rate_limit: float = field(default=300.0, metadata={"help": "messages per second per connection (sustained)"})
+    rate_burst: int = field(default=3000, metadata={"help": "messages a connection may send in a burst"})
+    max_inflight: int = field(default=256, metadata={"help": "a connection's updates awaiting commit before its reads pause"})
+    max_awareness_entries: int = field(default=64, metadata={"help": "entries in one awareness message"})
+    max_awareness_state_bytes: int = field(default=64 * 1024, metadata={"help": "size of one awareness state"})
+    max_client_ids: int = field(default=8, metadata={"help": "awareness clientIDs one connection may own"})
+
+    # Timing.
+    keepalive_seconds: float = field(default=15.0, metadata={"help": "send a no-op frame after this much silence"})
+    awareness_timeout_seconds: float = field(default=30.0, metadata={"help": "drop awareness not renewed for this long"})
+    room_grace_seconds: float = field(default=10.0, metadata={"help": "keep an empty room loaded this long"})
+    drain_seconds: float = field(default=10.0, metadata={"help": "graceful shutdown budget"})
+
+    # Storage.
+    compact_after_updates: int = field(default=500, metadata={"help": "fold a room's log into its snapshot past this many updates"})
+    compact_after_bytes: int = field(default=1024 * 1024, metadata={"help": "…or past this many bytes"})
+    sqlite_synchronous: str = field(default="FULL", metadata={"help": "FULL (power-loss safe) or NORMAL (crash safe)"})
+
+    ws_impl: str = field(default="websockets-sansio", metadata={"help": "uvicorn websocket implementation"})
+
+    @property
+    def dev_mode(self) -> bool:
+        return self.secret is None
+
+    def validate(self) -> Settings:
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                raise SettingsError(message)
+
+        check(1 <= self.port <= 65535, f"--port must be 1..65535, got {self.port}")
+        check(bool(self.host), "--host must not be empty")
+        check(bool(self.store), "--store must not be empty")
+        check(self.log_format in ("json", "console", "auto"), f"--log-format must be json, console or auto, got {self.log_format!r}")
+        check(self.log_level.lower() in ("debug", "info", "warning", "error"), f"--log-level must be debug, info, warning or error, got {self.log_level!r}")
+        check(self.secret is None or len(self.secret) >= 16, "--secret must be at least 16 characters")
+        check(self.redis is None or self.redis.startswith(("redis://", "rediss://", "unix://")), "--redis must be a redis:// URL")
+        check(self.sqlite_synchronous.upper() in ("FULL", "NORMAL"), "--sqlite-synchronous must be FULL or NORMAL")
+        check(self.ws_impl in ("websockets-sansio", "websockets", "wsproto"), "--ws-impl must be websockets-sansio, websockets or wsproto")
+        check(1024 <= self.max_frame_bytes <= 1024**3, "--max-frame-bytes must be between 1 KiB and 1 GiB")
+        check(self.outbox_max_bytes >= self.max_frame_bytes, "--outbox-max-bytes must be at least --max-frame-bytes")
+        for name in ("max_depth", "max_connections", "outbox_max_frames", "rate_burst", "max_inflight",
+                     "max_awareness_entries", "max_awareness_state_bytes", "max_client_ids",
+                     "compact_after_updates", "compact_after_bytes"):
+            check(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive")
+        for name in ("rate_limit", "keepalive_seconds", "awareness_timeout_seconds", "drain_seconds"):
+            check(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive")
+        check(self.room_grace_seconds >= 0, "--room-grace-seconds must not be negative")
+        return self
+
+
+def _coerce(name: str, kind: Any, raw: str) -> Any:
+    try:
+        if kind is int:
+            return int(raw.replace("_", ""))
+        if kind is float:
+            return float(raw)
+        return raw
+    except ValueError:
+        raise SettingsError(f"--{name.replace('_', '-')}: not a number: {raw!r}") from None
+
+
+def _kinds() -> dict[str, Any]:
+    hints = get_type_hints(Settings)
+    kinds = {}
+    for f in fields(Settings):
+        hint = hints[f.name]
+        kinds[f.name] = int if hint is int else float if hint is float else str
+    return kinds
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field, all defaulting to None so we can tell 'not given' apart."""
+    for f in fields(Settings):
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            default=None,
+            metavar=f.name.upper(),
+            help=f"{f.metadata.get('help', '')} (env COLLAB_{f.name.upper()}, default {f.default!r})",
+        )
+
+
+def load_settings(flags: Mapping[str, str | None], environ: Mapping[str, str] | None = None) -> Settings:
+    environ = os.environ if environ is None else environ
+    kinds = _kinds()
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        raw = flags.get(f.name)
+        if raw is None:
+            raw = environ.get(f"COLLAB_{f.name.upper()}")
+        if raw is not None and raw != "":
+            values[f.name] = _coerce(f.name, kinds[f.name], raw)
+    settings = Settings(**values)
+    if not settings.node_id:
+        settings = dataclasses.replace(settings, node_id=uuid.uuid4().hex[:12])
+    return settings.validate()

@@ -1,0 +1,177 @@
+"""The websocket edge: the only module that knows starlette/ASGI.
+
+Each socket: authenticate → validate the room name → acquire the room → run one reader (this
+task) and one writer (the connection's) in a task group. Every way out — bad input, a full
+outbox, a token expiring, shutdown — ends in one place, ``_serve``'s ``finally``, which leaves the
+room (broadcasting awareness removals) and sends the close code recorded on the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from urllib.parse import unquote
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from collab import closecodes, protocol
+from collab.auth import AccessDenied, authenticate
+from collab.connection import Connection, ConnectionLimits
+from collab.hub import Hub, RoomUnavailable
+from collab.logs import get_logger
+from collab.protocol import ProtocolError
+
+MAX_ROOM_NAME_BYTES = 512
+# Websocket paths that are never rooms (served by features, or kept for them).
+RESERVED_PATHS = ("signaling", "presence", "api", "_", "healthz", "readyz", "metrics", "r", "invite", "static")
+
+log = get_logger("collab.ws")
+
+
+def room_name_problem(name: str) -> str | None:
+    if not name:
+        return "empty room name"
+    if len(name.encode("utf-8")) > MAX_ROOM_NAME_BYTES:
+        return "room name too long"
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name):
+        return "control character in room name"
+    head = name.split("/", 1)[0]
+    if head in RESERVED_PATHS or name.startswith("_"):
+        return "reserved path"
+    return None
+
+
+def _token(ws: WebSocket) -> tuple[str | None, str | None]:
+    """The token, and the sub-protocol to echo if it came as ``bearer.<token>``."""
+    token = ws.query_params.get("token")
+    if token:
+        return token, None
+    header = ws.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip(), None
+    for proto in ws.scope.get("subprotocols", []) or []:
+        if proto.startswith("bearer."):
+            return proto[7:], proto
+    return None, None
+
+
+class WebsocketEndpoint:
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        s = hub.settings
+        self.limits = protocol.Limits(
+            max_frame_bytes=s.max_frame_bytes, max_depth=s.max_depth,
+            max_awareness_entries=s.max_awareness_entries, max_awareness_state_bytes=s.max_awareness_state_bytes,
+        )
+        self.conn_limits = ConnectionLimits(
+            outbox_max_bytes=s.outbox_max_bytes, outbox_max_frames=s.outbox_max_frames,
+            rate_limit=s.rate_limit, rate_burst=s.rate_burst, max_inflight=s.max_inflight,
+        )
+
+    async def __call__(self, scope, receive, send) -> None:  # ASGI app for the room route
+        ws = WebSocket(scope, receive, send)
+        raw_path = scope.get("raw_path")
+        name = unquote(raw_path.decode("latin-1")) if raw_path else scope["path"]
+        name = name.split("?", 1)[0][1:]
+        hub, settings = self.hub, self.hub.settings
+        token, subprotocol = _token(ws)
+        problem = room_name_problem(name)
+        try:
+            identity = authenticate(settings.secret, token, name, ws.query_params.get("name"))
+        except AccessDenied as denied:
+            await self._refuse(ws, denied.code, denied.reason, subprotocol)
+            return
+        if problem:
+            await self._refuse(ws, closecodes.BAD_MESSAGE, problem, subprotocol)
+            return
+        if not hub.accepting:
+            await self._refuse(ws, closecodes.SERVER_RESTART, "server draining", subprotocol)
+            return
+        if len(hub.connections) >= settings.max_connections:
+            await self._refuse(ws, closecodes.TRY_AGAIN_LATER, "server at capacity", subprotocol)
+            return
+        client = scope.get("client") or ("", 0)
+        conn = Connection(identity, name, self.conn_limits, hub.metrics, hub.clock, peer=f"{client[0]}:{client[1]}")
+        await ws.accept(subprotocol=subprotocol)
+        hub.register(conn)
+        try:
+            room = None
+            for _ in range(3):
+                try:
+                    room = await hub.acquire(name)
+                except RoomUnavailable:
+                    break
+                if hub.rooms.get(name) is room and not room.poisoned:
+                    break
+                room = None
+            if room is None:
+                conn.close(closecodes.TRY_AGAIN_LATER, "room unavailable")
+                await self._close(ws, conn)
+                return
+            await self._serve(ws, conn, room)
+        finally:
+            hub.unregister(conn)
+
+    async def _refuse(self, ws: WebSocket, code: int, reason: str, subprotocol: str | None) -> None:
+        # Accept first: a close before accept is an HTTP 403 that browsers report as 1006,
+        # and then clients cannot tell "go away" from "try again".
+        self.hub.metrics.closes.labels(code=str(code)).inc()
+        log.info("connection refused", code=code, reason=reason)
+        await ws.accept(subprotocol=subprotocol)
+        await ws.close(code, reason)
+
+    async def _serve(self, ws: WebSocket, conn: Connection, room) -> None:
+        bind = log.bind(room=room.name, conn=conn.id, user=conn.identity.user_id)
+        bind.info("connected", role=conn.identity.role, peer=conn.peer)
+        room.join(conn)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                writer = tg.create_task(conn.write_loop(ws.send_bytes))
+                reader = tg.create_task(self._read_loop(ws, conn, room))
+                conn.bind_reader(reader)
+                await reader
+                # Whatever ended the reader, nothing more goes out: a closing connection's outbox
+                # is dropped, and the writer may be stuck on a client that stopped reading.
+                writer.cancel()
+        except* (WebSocketDisconnect, OSError, RuntimeError):
+            pass  # the peer went away while we were writing
+        finally:
+            room.leave(conn)
+            await self._close(ws, conn)
+            bind.info("disconnected", code=conn.close_code, reason=conn.close_reason)
+
+    async def _read_loop(self, ws: WebSocket, conn: Connection, room) -> None:
+        limits = self.limits
+        metrics = self.hub.metrics
+        clock = self.hub.clock
+        receive = ws.receive
+        try:
+            while True:
+                event = await receive()
+                kind = event["type"]
+                if kind == "websocket.disconnect":
+                    conn.peer_closed = True
+                    return
+                data = event.get("bytes")
+                if data is None:
+                    raise ProtocolError("text frames are not part of this protocol")
+                metrics.bytes_in.inc(len(data))
+                now = clock()
+                conn.last_received = now
+                if not conn.bucket.take(now):
+                    conn.close(closecodes.TRY_AGAIN_LATER, "rate limit exceeded")
+                    return
+                await room.handle(conn, protocol.decode(data, limits))
+        except ProtocolError as exc:
+            conn.close(exc.code, exc.reason)
+        except asyncio.CancelledError:
+            if conn.close_code is None:
+                raise
+
+    async def _close(self, ws: WebSocket, conn: Connection) -> None:
+        if conn.peer_closed or conn.close_code is None:
+            return
+        try:
+            async with asyncio.timeout(5):
+                await ws.close(conn.close_code, conn.close_reason)
+        except Exception:  # noqa: BLE001 - the socket may already be gone; nothing to tell
+            pass

@@ -1,0 +1,76 @@
+"""Every byte that reaches disk: Yjs update log and snapshots per room.
+
+``open_store(url)`` picks the backend; callers see only ``Store`` (see ``storage.base``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from .base import (
+    MAX_HISTORY_LIMIT,
+    MAX_ROOM_NAME_BYTES,
+    MAX_UPDATE_BYTES,
+    RoomState,
+    Store,
+    StoreClosed,
+    StoredUpdate,
+    StoreError,
+    fold_updates,
+)
+from .sqlite import SQLiteStore
+
+__all__ = [
+    "MAX_HISTORY_LIMIT",
+    "MAX_ROOM_NAME_BYTES",
+    "MAX_UPDATE_BYTES",
+    "RoomState",
+    "SQLiteStore",
+    "Store",
+    "StoreClosed",
+    "StoreError",
+    "StoredUpdate",
+    "fold_updates",
+    "open_store",
+]
+
+# Options a sqlite URL may carry in its query string (?synchronous=NORMAL&busy_timeout=2).
+_SQLITE_URL_OPTIONS: dict[str, type] = {
+    "synchronous": str,
+    "busy_timeout": float,
+    "max_pending": int,
+    "max_pending_bytes": int,
+}
+
+
+def open_store(url: str, **options: Any) -> Store:
+    """The store at ``url``, not yet opened: ``await store.open()`` or ``async with store``.
+
+    ``url`` is a plain file path (``collab-data/collab.db``), ``sqlite:relative/path.db``,
+    ``sqlite:///absolute/path.db`` or, later, ``postgresql://user@host/db``. Options in the query
+    string are overridden by keyword ``options``.
+    """
+    if url.startswith(("postgresql:", "postgres:")):
+        raise NotImplementedError("PostgreSQL store comes later")
+    if url.startswith("sqlite:"):
+        parts = urlsplit(url)
+        if parts.netloc:
+            raise ValueError(
+                f"{url!r}: use sqlite:relative/path.db or sqlite:///absolute/path.db"
+            )
+        merged: dict[str, Any] = {}
+        for key, value in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False):
+            if key not in _SQLITE_URL_OPTIONS:
+                raise ValueError(f"{url!r}: unknown option {key!r}")
+            merged[key] = _SQLITE_URL_OPTIONS[key](value)
+        merged.update(options)
+        path = unquote(parts.path)
+        if not path:
+            raise ValueError(f"{url!r} names no file")
+        return SQLiteStore(path, **merged)
+    if "://" in url:
+        raise ValueError(f"unsupported store URL {url!r} (sqlite: or postgresql:)")
+    if not url:
+        raise ValueError("empty store path")
+    return SQLiteStore(url, **options)

@@ -1,0 +1,270 @@
+"""SQLite-only behaviour: URLs, pragmas, several OS processes on one file, kill -9, failing commits."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sqlite3
+import sys
+from pathlib import Path
+
+import pycrdt
+import pytest
+
+from storage import SQLiteStore, StoreClosed, StoreError, open_store
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("sqlite_worker.py")
+COMMITTED = re.compile(r"committed (\d+) (\S+) (\S+)")
+
+
+def update_of(text: str) -> bytes:
+    doc = pycrdt.Doc()
+    doc.get("t", type=pycrdt.Text).insert(0, text)
+    return doc.get_update()
+
+
+def text_of_store_state(snapshot: bytes | None, updates: list[bytes]) -> str:
+    doc = pycrdt.Doc()
+    for update in ([snapshot] if snapshot else []) + updates:
+        doc.apply_update(update)
+    return str(doc.get("t", type=pycrdt.Text))
+
+
+@pytest.fixture
+async def opened(tmp_path: Path):
+    stores: list[SQLiteStore] = []
+
+    async def factory(**options) -> SQLiteStore:
+        store = SQLiteStore(tmp_path / "collab.db", **options)
+        await store.open()
+        stores.append(store)
+        return store
+
+    yield factory
+    for store in stores:
+        await store.close()
+
+
+# -- URLs and setup ----------------------------------------------------------------------------
+
+
+def test_store_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert open_store("data/x.db").path == Path("data/x.db")  # type: ignore[attr-defined]
+    assert open_store(f"sqlite://{tmp_path}/x.db").path == tmp_path / "x.db"  # type: ignore[attr-defined]
+    assert open_store("sqlite:rel/x.db").path == Path("rel/x.db")  # type: ignore[attr-defined]
+    tuned = open_store("sqlite:x.db?synchronous=normal&busy_timeout=2.5")
+    assert isinstance(tuned, SQLiteStore)
+    assert (tuned.synchronous, tuned.busy_timeout) == ("NORMAL", 2.5)
+    overridden = open_store("sqlite:x.db?synchronous=normal", synchronous="FULL")
+    assert overridden.synchronous == "FULL"  # type: ignore[attr-defined]
+
+    for url in ("postgresql://u@h/db", "postgres://u@h/db"):
+        with pytest.raises(NotImplementedError, match="PostgreSQL store comes later"):
+            open_store(url)
+    for bad in ("mysql://h/db", "sqlite://host/x.db", "sqlite:x.db?nope=1", ":memory:", ""):
+        with pytest.raises(ValueError):
+            open_store(bad)
+    with pytest.raises(ValueError):
+        open_store("x.db", synchronous="OFF")
+
+
+async def test_relative_url_creates_parent_directories(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    async with open_store("sqlite:deep/er/collab.db") as store:
+        await store.append("r", update_of("x"))
+    assert (tmp_path / "deep/er/collab.db").is_file()
+
+
+@pytest.mark.parametrize("synchronous, level", [("FULL", 2), ("NORMAL", 1)])
+async def test_wal_and_synchronous_are_set(opened, synchronous: str, level: int) -> None:
+    store = await opened(synchronous=synchronous)
+    assert store._writer is not None
+    assert list(await store._writer.execute_fetchall("PRAGMA synchronous")) == [(level,)]
+    with sqlite3.connect(store.path) as probe:
+        assert probe.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert probe.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+
+
+async def test_a_newer_schema_is_refused(opened, tmp_path: Path) -> None:
+    store = await opened()
+    await store.close()
+    with sqlite3.connect(tmp_path / "collab.db") as db:
+        db.execute("UPDATE schema_version SET version = 99")
+    with pytest.raises(StoreError, match="schema version 99"):
+        await opened()
+
+
+# -- several OS processes ------------------------------------------------------------------------
+
+
+async def spawn(url: str, name: str, *args: str) -> asyncio.subprocess.Process:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(WORKER), url, "room", name, *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert process.stdout is not None
+    line = await asyncio.wait_for(process.stdout.readline(), timeout=30)
+    assert line == b"ready\n", line
+    return process
+
+
+def go(*processes: asyncio.subprocess.Process) -> None:
+    for process in processes:
+        assert process.stdin is not None
+        process.stdin.write(b"go\n")
+
+
+def committed(output: bytes) -> dict[int, tuple[str, str]]:
+    found = {}
+    for line in output.decode().splitlines():
+        if match := COMMITTED.fullmatch(line):
+            found[int(match[1])] = (match[2], match[3])
+    return found
+
+
+async def test_processes_appending_and_compacting_together_lose_nothing(tmp_path: Path) -> None:
+    url = f"sqlite://{tmp_path}/shared.db"
+    workers = [
+        await spawn(url, name, "--tasks", "4", "--count", "100", "--compact-every", "20")
+        for name in ("p", "q")
+    ]
+    go(*workers)
+    outputs = await asyncio.wait_for(asyncio.gather(*(w.communicate() for w in workers)), 60)
+    assert [w.returncode for w in workers] == [0, 0]
+    reported = {}
+    for stdout, _ in outputs:
+        assert stdout.endswith(b"done\n")
+        reported.update(committed(stdout))
+    assert len(reported) == 800  # ids are unique across processes
+
+    async with open_store(url) as store:
+        state = await store.load("room")
+        tokens = re.findall(r"<[a-z0-9]+:\d+>", text_of_store_state(state.snapshot, state.updates))
+        assert sorted(tokens) == sorted(token for _, token in reported.values())
+        assert state.last_id == max(reported)
+
+
+@pytest.mark.parametrize("synchronous", ["FULL", "NORMAL"])
+async def test_kill_9_loses_no_reported_commit(tmp_path: Path, synchronous: str) -> None:
+    url = f"sqlite://{tmp_path}/crash.db?synchronous={synchronous}"
+    worker = await spawn(url, "k", "--tasks", "8", "--count", "-1")
+    go(worker)
+    assert worker.stdout is not None
+    seen = b""
+    while seen.count(b"\n") < 400:
+        chunk = await asyncio.wait_for(worker.stdout.read(4096), timeout=30)
+        assert chunk, "worker exited early"
+        seen += chunk
+    worker.send_signal(signal.SIGKILL)
+    seen += await worker.stdout.read()  # lines printed before death were committed too
+    await worker.wait()
+    assert worker.returncode == -signal.SIGKILL
+    reported = committed(seen)
+    assert len(reported) >= 400
+
+    async with open_store(url) as store:
+        rows = {row.id: row for row in await store.history("room", limit=10_000)}
+        for update_id, (author, _) in reported.items():
+            assert rows[update_id].author == author
+        state = await store.load("room")
+        text = text_of_store_state(state.snapshot, state.updates)
+        assert all(token in text for _, token in reported.values())
+
+
+# -- failures ------------------------------------------------------------------------------------
+
+
+async def test_a_locked_database_fails_the_waiting_appends_then_recovers(opened) -> None:
+    store = await opened(busy_timeout=0.05)
+    blocker = sqlite3.connect(store.path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    try:
+        results = await asyncio.wait_for(
+            asyncio.gather(
+                *(store.append("r", update_of(f"lost{n}")) for n in range(20)),
+                return_exceptions=True,
+            ),
+            timeout=10,
+        )
+        assert all(isinstance(r, StoreError) for r in results), results
+        assert "locked" in str(results[0])
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+    await store.ping()
+    kept = await store.append("r", update_of("kept"))
+    state = await store.load("r")
+    assert state.last_id == kept and len(state.updates) == 1
+
+
+async def test_a_read_only_database_fails_appends_and_compaction_until_writable(opened) -> None:
+    store = await opened()
+    await store.append("r", update_of("a"))
+    assert store._writer is not None
+    await store._writer.execute("PRAGMA query_only = ON")  # as if the disk went read-only
+    results = await asyncio.wait_for(
+        asyncio.gather(*(store.append("r", update_of(f"{n}")) for n in range(10)), return_exceptions=True),
+        timeout=10,
+    )
+    assert all(isinstance(r, StoreError) for r in results), results
+    with pytest.raises(StoreError):
+        await store.compact("r")
+
+    await store._writer.execute("PRAGMA query_only = OFF")
+    assert await store.append("r", update_of("b")) > 0
+    assert await store.compact("r")
+    assert len((await store.history("r"))) == 0
+
+
+async def test_a_broken_writer_connection_is_replaced(opened) -> None:
+    store = await opened()
+    assert store._writer is not None
+    await store._writer.close()  # the connection died under the store
+    results = await asyncio.wait_for(
+        asyncio.gather(*(store.append("r", update_of(f"{n}")) for n in range(5)), return_exceptions=True),
+        timeout=10,
+    )
+    assert all(isinstance(r, StoreError) for r in results), results
+    assert await store.append("r", update_of("ok")) > 0
+    assert store._reader is not None
+    await store._reader.close()
+    with pytest.raises(StoreError):
+        await store.load("r")
+    assert len((await store.load("r")).updates) == 1
+
+
+async def test_a_stopped_flusher_fails_appends_instead_of_hanging(opened) -> None:
+    store = await opened()
+    assert store._flusher is not None
+    store._flusher.cancel()
+    with pytest.raises(StoreError):
+        await asyncio.wait_for(store.append("r", update_of("x")), timeout=5)
+    with pytest.raises(StoreError):
+        await store.ping()
+
+
+async def test_backpressure_bounds_each_batch(opened) -> None:
+    store = await opened(max_pending=3)
+    ids = await asyncio.gather(*(store.append("r", update_of(f"{n}")) for n in range(60)))
+    assert sorted(ids) == ids and len(set(ids)) == 60
+    assert store.commits >= 20  # never more than 3 updates queued or in flight
+
+
+async def test_closing_refuses_appends_waiting_for_room(opened) -> None:
+    store = await opened(max_pending=1)
+    first = asyncio.create_task(store.append("r", update_of("first")))
+    waiting = asyncio.create_task(store.append("r", update_of("second")))
+    await asyncio.sleep(0)
+    await store.close()
+    assert isinstance(await first, int)
+    with pytest.raises(StoreClosed):
+        await waiting
