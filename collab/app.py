@@ -16,6 +16,7 @@ from collab.bus import Bus, BusMessage, LocalBus, LocalNetwork
 from collab.hub import Hub
 from collab.logs import get_logger
 from collab.metrics import Metrics
+from collab.services import Service
 from collab.settings import Settings
 from collab.transport import WebsocketEndpoint
 from storage import Store, open_store
@@ -34,11 +35,17 @@ def make_bus(settings: Settings, network: LocalNetwork | None = None) -> Callabl
     return factory
 
 
+def default_services(settings: Settings, store: Store) -> list[Service]:
+    """The features every server runs, wired here so that the layers never import each other."""
+    return []
+
+
 def create_app(settings: Settings, *, store: Store | None = None, network: LocalNetwork | None = None,
-               clock: Callable[[], float] = time.monotonic) -> Starlette:
+               clock: Callable[[], float] = time.monotonic, services: list[Service] | None = None) -> Starlette:
     metrics = Metrics()
     store = store or open_store(settings.store, synchronous=settings.sqlite_synchronous)
-    hub = Hub(settings, store, metrics, make_bus(settings, network), clock=clock)
+    services = default_services(settings, store) if services is None else services
+    hub = Hub(settings, store, metrics, make_bus(settings, network), clock=clock, services=services)
     started = time.time()
 
     @contextlib.asynccontextmanager
@@ -93,6 +100,7 @@ def create_app(settings: Settings, *, store: Store | None = None, network: Local
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics_endpoint),
+        *(route for service in services for route in service.routes()),
         WebSocketRoute("/{room:path}", WebsocketEndpoint(hub)),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)

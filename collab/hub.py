@@ -28,6 +28,7 @@ from collab.connection import Connection
 from collab.logs import get_logger
 from collab.metrics import Metrics
 from collab.room import Room
+from collab.services import Service
 from collab.settings import Settings
 from storage import Store
 
@@ -39,8 +40,10 @@ class RoomUnavailable(Exception):
 class Hub:
     def __init__(self, settings: Settings, store: Store, metrics: Metrics,
                  bus_factory: Callable[[Callable[[BusMessage], None]], Bus],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, services: list[Service] | None = None) -> None:
         self.settings = settings
+        self.services = list(services or [])
+        self._bus_kinds = {kind: svc for svc in self.services for kind in svc.bus_kinds}
         self.store = store
         self.metrics = metrics
         self.clock = clock
@@ -65,6 +68,8 @@ class Hub:
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             await self.bus.start()
+            for service in self.services:
+                await service.start(self)
             tg.create_task(self._janitor())
             ready.set()
             try:
@@ -79,6 +84,8 @@ class Hub:
             conn.close(closecodes.SERVER_RESTART, "server restarting")
         for room in list(self.rooms.values()):
             await room.wait_idle()
+        for service in self.services:
+            await service.stop()
         for task in list(self._loading.values()):
             task.cancel()
         await self.bus.stop()
@@ -127,7 +134,8 @@ class Hub:
         room = Room(name, doc, store=self.store, bus=self.bus, metrics=self.metrics, clock=self.clock,
                     log=self.log, tail_updates=len(state.updates), tail_bytes=state.tail_bytes,
                     compact_after_updates=s.compact_after_updates, compact_after_bytes=s.compact_after_bytes,
-                    max_client_ids=s.max_client_ids, on_poisoned=self._unload_poisoned, spawn=self.spawn)
+                    max_client_ids=s.max_client_ids, on_poisoned=self._unload_poisoned, spawn=self.spawn,
+                    services=self.services)
         self.rooms[name] = room
         self._room_tasks[name] = self.spawn(room.run())
         self.metrics.rooms_loaded.set(len(self.rooms))
@@ -182,6 +190,10 @@ class Hub:
     # -- bus -----------------------------------------------------------------------------------
 
     def deliver(self, message: BusMessage) -> None:
+        service = self._bus_kinds.get(message.kind)
+        if service is not None:
+            service.on_bus(self.rooms.get(message.room), message)
+            return
         room = self.rooms.get(message.room)
         if room is not None:
             self._deliver_to(room, message)

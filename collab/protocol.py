@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from collab.closecodes import BAD_MESSAGE, TOO_LARGE
 from collab.updates import InvalidUpdate, json_depth, validate_state_vector, validate_update
@@ -31,6 +31,10 @@ MSG_SYNC: Final = 0
 MSG_AWARENESS: Final = 1
 MSG_AUTH: Final = 2
 MSG_QUERY_AWARENESS: Final = 3
+# Our extension messages (undo/redo, chat, …) on the document socket: varUint8Array(JSON object
+# with a string "type"). 101 is far above every type y-protocols (0–3) or Hocuspocus (0–10) uses;
+# stock y-websocket clients that don't know it log and ignore it.
+MSG_EXTENSION: Final = 101
 
 SYNC_STEP1: Final = 0
 SYNC_STEP2: Final = 1
@@ -60,6 +64,7 @@ class Limits:
     max_depth: int = 64
     max_awareness_entries: int = 64
     max_awareness_state_bytes: int = 64 * 1024
+    max_extension_bytes: int = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +104,16 @@ class AuthMessage:
     payload: bytes
 
 
-Message = SyncStep1 | SyncStep2 | SyncUpdate | AwarenessUpdate | QueryAwareness | AuthMessage
+@dataclass(frozen=True, slots=True)
+class ExtensionMessage:
+    body: dict[str, Any]
+
+    @property
+    def type(self) -> str:
+        return str(self.body["type"])
+
+
+Message = SyncStep1 | SyncStep2 | SyncUpdate | AwarenessUpdate | QueryAwareness | AuthMessage | ExtensionMessage
 
 
 # -- lib0 varints ------------------------------------------------------------------------------
@@ -194,6 +208,10 @@ def decode(frame: bytes, limits: Limits = Limits()) -> Message:
         return QueryAwareness()
     if msg_type == MSG_AUTH:
         return AuthMessage(frame[pos:])
+    if msg_type == MSG_EXTENSION:
+        payload, pos = read_var_bytes(frame, pos)
+        _expect_end(frame, pos)
+        return ExtensionMessage(decode_extension_body(payload, limits))
     raise ProtocolError("unknown message type")
 
 
@@ -217,6 +235,24 @@ def decode_awareness(payload: bytes, limits: Limits = Limits()) -> tuple[Awarene
         entries.append(AwarenessEntry(client_id, clock, state))
     _expect_end(payload, pos)
     return tuple(entries)
+
+
+def decode_extension_body(payload: bytes, limits: Limits = Limits()) -> dict[str, Any]:
+    if len(payload) > limits.max_extension_bytes:
+        raise ProtocolError("extension message too large", TOO_LARGE)
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("invalid UTF-8") from None
+    if json_depth(text) > limits.max_depth:
+        raise ProtocolError("extension message nested too deep")
+    try:
+        body = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ProtocolError("extension message is not JSON") from None
+    if not isinstance(body, dict) or not isinstance(body.get("type"), str) or not body["type"]:
+        raise ProtocolError("extension message needs a string 'type'")
+    return body
 
 
 def _expect_end(data: bytes, pos: int) -> None:
@@ -254,6 +290,13 @@ def encode_awareness(entries: list[AwarenessEntry] | tuple[AwarenessEntry, ...])
         write_var_string(body, entry.state)
     out = bytearray((MSG_AWARENESS,))
     write_var_bytes(out, bytes(body))
+    return bytes(out)
+
+
+def encode_extension(body: dict[str, Any]) -> bytes:
+    out = bytearray()
+    write_var_uint(out, MSG_EXTENSION)
+    write_var_bytes(out, json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
     return bytes(out)
 
 

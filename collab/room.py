@@ -33,6 +33,7 @@ from collab import closecodes, protocol
 from collab.protocol import (
     AuthMessage,
     AwarenessUpdate,
+    ExtensionMessage,
     Message,
     ProtocolError,
     QueryAwareness,
@@ -40,6 +41,7 @@ from collab.protocol import (
     SyncStep2,
     SyncUpdate,
 )
+from collab.services import Service
 from presence import RoomAwareness
 
 if TYPE_CHECKING:
@@ -84,7 +86,8 @@ class Room:
                  clock: Callable[[], float], log, tail_updates: int = 0, tail_bytes: int = 0,
                  compact_after_updates: int = 500, compact_after_bytes: int = 1 << 20,
                  max_client_ids: int = 8, on_poisoned: Callable[[Room], None] | None = None,
-                 spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]] | None = None) -> None:
+                 spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]] | None = None,
+                 services: list[Service] | None = None) -> None:
         self.name = name
         self.doc = doc
         self.store = store
@@ -103,6 +106,9 @@ class Room:
         self.compaction: asyncio.Task[None] | None = None
         self._on_poisoned = on_poisoned
         self._spawn = spawn or asyncio.get_running_loop().create_task
+        self.services = services or []
+        self._by_type = {t: svc for svc in self.services for t in svc.message_types}
+        self._commit_watchers = [svc for svc in self.services if type(svc).on_commit is not Service.on_commit]
         self._queue: list[_Pending] = []
         self._queued = asyncio.Event()
         self._undurable = 0  # updates applied to the Doc but not yet committed
@@ -119,6 +125,8 @@ class Room:
         entries = self.awareness.snapshot()
         if entries:
             conn.send(protocol.encode_awareness(entries))
+        for service in self.services:
+            service.on_join(self, conn)
 
     def leave(self, conn: Connection) -> None:
         if conn not in self.members:
@@ -128,6 +136,8 @@ class Room:
         removed = self.awareness.remove_owner(conn, self.clock())
         if removed:
             self._broadcast_awareness(removed, exclude=None)
+        for service in self.services:
+            service.on_leave(self, conn)
         if not self.members:
             self.empty_since = self.clock()
 
@@ -169,6 +179,14 @@ class Room:
                 self._broadcast_awareness(result.changed, exclude=conn)
         elif isinstance(message, QueryAwareness):
             conn.send(protocol.encode_awareness(self.awareness.snapshot()))
+        elif isinstance(message, ExtensionMessage):
+            service = self._by_type.get(message.type)
+            if service is None:
+                conn.send(protocol.encode_extension(
+                    {"type": "error", "code": "unknown-type", "ref": message.type[:100],
+                     "message": "no service handles this message type"}))
+            else:
+                await service.handle(self, conn, message)
         elif isinstance(message, AuthMessage):
             pass  # clients have nothing to tell us here; the token is the only credential
 
@@ -197,6 +215,8 @@ class Room:
             raise ProtocolError("update rejected by the document") from None
         if origin is Origin.CLIENT:
             self.metrics.updates_in.inc()
+        for service in self._commit_watchers:
+            service.on_commit(self, origin, update, author)
         frame = protocol.encode_update(update)
         self._enqueue(_Pending(effects, frame, update, source, author, time.perf_counter()))
 

@@ -47,6 +47,7 @@ import json
 import re
 from bisect import bisect_right
 from itertools import accumulate
+from operator import sub
 
 __all__ = ["InvalidUpdate", "validate_update", "validate_state_vector", "json_depth"]
 
@@ -200,14 +201,25 @@ _BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}.__getitem__
 def json_depth(text: str) -> int:
     """Maximum nesting depth of ``[`` / ``{`` outside JSON string literals ("1" -> 0, "[[]]" -> 2).
 
-    Works on any text (valid JSON or not) in linear time; an unterminated string literal runs to
-    the end of the text.
+    Works on any text (valid JSON or not) in linear time, with no per-character Python code: an
+    unterminated string literal runs to the end of the text; a closing bracket with nothing open
+    is ignored.
     """
     if "[" not in text and "{" not in text:
         return 0
     if '"' in text:
         text = _STRING_LITERAL.sub("", text)
-    return max(accumulate(map(_BRACKET_STEP, _BRACKET.findall(text))), default=0)
+    levels = list(accumulate(map(_BRACKET_STEP, _BRACKET.findall(text))))
+    if not levels:
+        return 0
+    floor = min(levels)
+    if floor >= 0:
+        return max(levels)
+    # Unbalanced closers: the depth after each bracket is its level minus the lowest level
+    # reached so far (or 0).
+    lowest = accumulate(levels, min, initial=0)
+    next(lowest)
+    return max(0, max(map(sub, levels, lowest)))
 
 
 def _reject_constant(name: str) -> None:

@@ -89,6 +89,8 @@ DEFAULT_MAX_PENDING = 10_000
 DEFAULT_MAX_PENDING_BYTES = 64 * 1024 * 1024
 # How long a writer waits for another process's write lock before its commit fails.
 DEFAULT_BUSY_TIMEOUT = 5.0
+# After a checkpoint the WAL file is truncated to this size, so one burst does not keep its disk space.
+WAL_SIZE_LIMIT = 64 * 1024 * 1024
 # Compaction retries when another compactor won the race, then leaves the room to the winner.
 COMPACT_ATTEMPTS = 3
 # Remember this many room names known to be in the rooms table (skips a statement per batch).
@@ -201,6 +203,7 @@ class SQLiteStore(Store):
             if row is None or str(row[0]).lower() != "wal":
                 raise StoreError(f"{str(self.path)!r} cannot use WAL (journal_mode={row})")
             await db.execute(f"PRAGMA synchronous = {self.synchronous}")
+            await db.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
             if read_only:
                 await db.execute("PRAGMA query_only = ON")
         except BaseException:
@@ -285,6 +288,9 @@ class SQLiteStore(Store):
                     self._wakeup.clear()
                     continue
                 await self._commit(self._take_batch())
+        except asyncio.CancelledError:
+            log.warning("SQLite flusher for %s cancelled before close()", self.path)
+            raise
         except BaseException:
             log.exception("SQLite flusher for %s stopped", self.path)
             raise
@@ -382,25 +388,28 @@ class SQLiteStore(Store):
 
     async def load(self, room: str) -> RoomState:
         check_room(room)
-        async with self._reading() as db:
-            try:
-                await db.execute("BEGIN")  # one read snapshot for both statements
-                snapshot, upto_id = await _read_snapshot(db, room)
-                tail = list(
-                    await db.execute_fetchall(
-                        "SELECT id, data FROM updates WHERE room = ? AND id > ? ORDER BY id",
-                        (room, upto_id),
-                    )
-                )
-            finally:
-                await _rollback(db)
-        updates = [bytes(data) for _, data in tail]
+        snapshot, upto_id, tail = await self._read_room(room)
+        updates = [data for _, data in tail]
         return RoomState(
             snapshot=snapshot,
             updates=updates,
-            last_id=int(tail[-1][0]) if tail else upto_id,
+            last_id=tail[-1][0] if tail else upto_id,
             tail_bytes=sum(len(u) for u in updates),
         )
+
+    async def _read_room(self, room: str) -> tuple[bytes | None, int, list[tuple[int, bytes]]]:
+        """Snapshot, its upto_id and the tail rows (id, data), from one read transaction."""
+        async with self._reading() as db:
+            try:
+                await db.execute("BEGIN")
+                snapshot, upto_id = await _read_snapshot(db, room)
+                rows = await db.execute_fetchall(
+                    "SELECT id, data FROM updates WHERE room = ? AND id > ? ORDER BY id",
+                    (room, upto_id),
+                )
+            finally:
+                await _rollback(db)  # ends the read transaction
+        return snapshot, upto_id, [(int(i), bytes(d)) for i, d in rows]
 
     async def history(
         self, room: str, *, after_id: int = 0, limit: int = 1000
@@ -459,25 +468,12 @@ class SQLiteStore(Store):
     async def compact(self, room: str) -> bool:
         check_room(room)
         for _ in range(COMPACT_ATTEMPTS):
-            async with self._reading() as db:
-                try:
-                    await db.execute("BEGIN")
-                    snapshot, upto_id = await _read_snapshot(db, room)
-                    tail = list(
-                        await db.execute_fetchall(
-                            "SELECT id, data FROM updates WHERE room = ? AND id > ? ORDER BY id",
-                            (room, upto_id),
-                        )
-                    )
-                finally:
-                    await _rollback(db)
+            snapshot, upto_id, tail = await self._read_room(room)
             if not tail:
                 return False
-            new_upto_id = int(tail[-1][0])
+            new_upto_id = tail[-1][0]
             try:
-                folded = await asyncio.to_thread(
-                    fold_updates, snapshot, [bytes(d) for _, d in tail]
-                )
+                folded = await asyncio.to_thread(fold_updates, snapshot, [d for _, d in tail])
             except Exception as exc:  # pycrdt refused a stored update: leave the rows alone
                 raise StoreError(f"cannot fold room {room!r}: {exc}") from exc
             if await self._replace_snapshot(room, folded, upto_id, new_upto_id):
