@@ -24,12 +24,14 @@ from storage import Store, open_store
 log = get_logger("collab.app")
 
 
-def make_bus(settings: Settings, network: LocalNetwork | None = None) -> Callable[[Callable[[BusMessage], None]], Bus]:
+def make_bus(settings: Settings, metrics: Metrics,
+             network: LocalNetwork | None = None) -> Callable[[Callable[[BusMessage], None]], Bus]:
     def factory(deliver: Callable[[BusMessage], None]) -> Bus:
         if settings.redis:
-            from collab.redisbus import RedisBus  # optional at run time: only with --redis
+            from collab.redisbus import RedisBus
 
-            return RedisBus(settings.redis, settings.node_id, deliver)
+            return RedisBus(settings.redis, settings.node_id, deliver, node_timeout=settings.node_timeout_seconds,
+                            heartbeat_seconds=min(1.0, settings.node_timeout_seconds / 4), metrics=metrics)
         return LocalBus(settings.node_id, deliver, network)
 
     return factory
@@ -37,7 +39,9 @@ def make_bus(settings: Settings, network: LocalNetwork | None = None) -> Callabl
 
 def default_services(settings: Settings, store: Store) -> list[Service]:
     """The features every server runs, wired here so that the layers never import each other."""
-    return []
+    from signaling import SignalingService  # noqa: PLC0415 - services are wired here, imported lazily
+
+    return [SignalingService()]
 
 
 def create_app(settings: Settings, *, store: Store | None = None, network: LocalNetwork | None = None,
@@ -45,7 +49,7 @@ def create_app(settings: Settings, *, store: Store | None = None, network: Local
     metrics = Metrics()
     store = store or open_store(settings.store, synchronous=settings.sqlite_synchronous)
     services = default_services(settings, store) if services is None else services
-    hub = Hub(settings, store, metrics, make_bus(settings, network), clock=clock, services=services)
+    hub = Hub(settings, store, metrics, make_bus(settings, metrics, network), clock=clock, services=services)
     started = time.time()
 
     @contextlib.asynccontextmanager

@@ -31,6 +31,7 @@ class Bus(Protocol):
     node_id: str
 
     async def start(self) -> None: ...
+    async def run(self) -> None: ...
     async def stop(self) -> None: ...
     async def subscribe(self, room: str) -> None: ...
     async def unsubscribe(self, room: str) -> None: ...
@@ -58,6 +59,9 @@ class LocalBus:
         return True
 
     async def start(self) -> None:
+        pass
+
+    async def run(self) -> None:
         pass
 
     async def stop(self) -> None:

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import msgpack
 import pycrdt
 
 from collab import closecodes, protocol
@@ -27,10 +28,16 @@ from collab.bus import Bus, BusMessage
 from collab.connection import Connection
 from collab.logs import get_logger
 from collab.metrics import Metrics
-from collab.room import Room
+from collab.room import Room, pack_awareness
 from collab.services import Service
 from collab.settings import Settings
 from storage import Store
+
+
+# Control messages a bus synthesizes for the hub (never sent by clients).
+CONTROL_NODE_DOWN = "_node-down"  # payload: the dead node's id
+CONTROL_RESYNC = "_resync"  # room "" = every loaded room (e.g. after a bus reconnect)
+EMPTY_UPDATE = b"\x00\x00"
 
 
 class RoomUnavailable(Exception):
@@ -56,6 +63,7 @@ class Hub:
         self._room_tasks: dict[str, asyncio.Task[None]] = {}
         self._tg: asyncio.TaskGroup | None = None
         self.accepting = True
+        self._last_resync = clock()
 
     # -- lifetime ------------------------------------------------------------------------------
 
@@ -68,6 +76,7 @@ class Hub:
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             await self.bus.start()
+            tg.create_task(self.bus.run())
             for service in self.services:
                 await service.start(self)
             tg.create_task(self._janitor())
@@ -141,6 +150,7 @@ class Hub:
         self.metrics.rooms_loaded.set(len(self.rooms))
         for message in self._early.pop(name, []):
             self._deliver_to(room, message)
+        self.request_sync(room)
         self.metrics.room_load_seconds.observe(time.perf_counter() - started)
         self.log.debug("room loaded", room=name, tail=len(state.updates), seconds=round(time.perf_counter() - started, 4))
         return room
@@ -190,9 +200,22 @@ class Hub:
     # -- bus -----------------------------------------------------------------------------------
 
     def deliver(self, message: BusMessage) -> None:
-        service = self._bus_kinds.get(message.kind)
+        kind = message.kind
+        service = self._bus_kinds.get(kind)
         if service is not None:
             service.on_bus(self.rooms.get(message.room), message)
+            return
+        if kind == CONTROL_NODE_DOWN:
+            node = message.payload.decode()
+            self.log.warning("peer node down; removing its presence", peer=node)
+            for room in list(self.rooms.values()):
+                room.forget_node(node)
+            return
+        if kind == CONTROL_RESYNC:
+            targets = [self.rooms[message.room]] if message.room in self.rooms else (
+                list(self.rooms.values()) if not message.room else [])
+            for room in targets:
+                self.request_sync(room)
             return
         room = self.rooms.get(message.room)
         if room is not None:
@@ -201,10 +224,46 @@ class Hub:
             self._early[message.room].append(message)
 
     def _deliver_to(self, room: Room, message: BusMessage) -> None:
-        if message.kind == "update":
-            room.deliver_update(message.payload)
-        elif message.kind == "awareness":
-            room.deliver_awareness(message.payload)
+        kind = message.kind
+        try:
+            if kind == "update":
+                room.deliver_update(message.payload)
+            elif kind == "awareness":
+                room.deliver_awareness(message.node, message.payload)
+            elif kind == "sync-request":
+                self._answer_sync(room, message.node, message.payload, ask_back=True)
+            elif kind == "sync-reply":
+                reply = msgpack.unpackb(message.payload)
+                if reply.get("update"):
+                    room.deliver_update(reply["update"])
+                if reply.get("awareness"):
+                    room.deliver_awareness(message.node, reply["awareness"])
+                if reply.get("sv") is not None:
+                    self._answer_sync(room, message.node, reply["sv"], ask_back=False)
+        except Exception:  # noqa: BLE001 - a malformed peer message must not take the hub down
+            self.log.exception("bad bus message", room=room.name, kind=kind, peer=message.node)
+
+    # -- anti-entropy between nodes --------------------------------------------------------------
+    # Pub/sub is at-most-once, so nodes exchange state vectors: on room load, on a sequence gap,
+    # after a bus reconnect and periodically. Replies are computed only once everything the
+    # replier has applied is durable, so a peer never relays what storage does not hold.
+
+    def request_sync(self, room: Room) -> None:
+        self.bus.publish(room.name, "sync-request", room.doc.get_state())
+
+    def _answer_sync(self, room: Room, node: str, state_vector: bytes, *, ask_back: bool) -> None:
+        def reply() -> None:
+            diff = room.doc.get_update(state_vector)
+            body: dict[str, Any] = {"update": b"" if diff == EMPTY_UPDATE else diff}
+            local = room.local_awareness()
+            if ask_back:
+                body["sv"] = room.doc.get_state()
+                body["awareness"] = pack_awareness(local) if local else b""
+            elif not body["update"]:
+                return
+            self.bus.publish(room.name, "sync-reply", msgpack.packb(body), target=node)
+
+        room.after_durable(reply)
 
     # -- housekeeping --------------------------------------------------------------------------
 
@@ -227,4 +286,8 @@ class Hub:
                 conn.send(protocol.KEEPALIVE_FRAME)
         for room in list(self.rooms.values()):
             room.expire_awareness(s.awareness_timeout_seconds)
+        if now - self._last_resync >= s.resync_seconds:
+            self._last_resync = now
+            for room in list(self.rooms.values()):
+                self.request_sync(room)
         self.unload_idle()

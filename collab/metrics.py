@@ -32,5 +32,14 @@ class Metrics:
         self.compactions = Counter("collab_compactions", "Room log compactions", registry=r)
         self.storage_errors = Counter("collab_storage_errors", "Failed storage operations", registry=r)
 
+        self.bus_healthy = Gauge("collab_bus_healthy", "1 while the bus (Redis) is connected", registry=r)
+        self.bus_healthy.set(1)
+        self.bus_published = Counter("collab_bus_published", "Messages published to the bus", registry=r)
+        self.bus_received = Counter("collab_bus_received", "Messages received from peer nodes", registry=r)
+        self.bus_dropped = Counter("collab_bus_dropped", "Messages not published (bus down or queue full)", registry=r)
+        self.bus_gaps = Counter("collab_bus_gaps", "Sequence gaps detected (messages lost by the bus)", registry=r)
+        self.bus_reconnects = Counter("collab_bus_reconnects", "Bus (re)connections", registry=r)
+        self.bus_malformed = Counter("collab_bus_malformed", "Undecodable bus messages", registry=r)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -27,11 +27,13 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import msgpack
 import pycrdt
 
 from collab import closecodes, protocol
 from collab.protocol import (
     AuthMessage,
+    AwarenessEntry,
     AwarenessUpdate,
     ExtensionMessage,
     Message,
@@ -73,8 +75,9 @@ EFFECTS: dict[Origin, Effects] = {
 
 @dataclass(slots=True)
 class _Pending:
-    effects: Effects | None  # None: a deferred send, not an update
+    effects: Effects | None  # None: a deferred action (``then``), not an update
     frame: bytes
+    then: Callable[[], None] | None = None
     update: bytes = b""
     source: Connection | None = None
     author: str | None = None
@@ -96,7 +99,8 @@ class Room:
         self.clock = clock
         self.log = log.bind(room=name)
         self.members: set[Connection] = set()
-        self.awareness = RoomAwareness(max_client_ids_per_owner=max_client_ids)
+        self.awareness = RoomAwareness()
+        self.max_client_ids = max_client_ids
         self.empty_since: float | None = clock()
         self.poisoned = False
         self.tail_updates = tail_updates
@@ -170,13 +174,14 @@ class Room:
         elif isinstance(message, SyncStep1):
             self.reply_after_durable(conn, protocol.encode_sync_step2(self.doc.get_update(message.state_vector)))
         elif isinstance(message, AwarenessUpdate):
-            result = self.awareness.apply(conn, conn.identity.user_id, message.entries, self.clock())
+            result = self.awareness.apply(conn, conn.identity.user_id, message.entries, self.clock(),
+                                          max_ids=self.max_client_ids)
             if result.rejected:
                 self.metrics.awareness_rejected.inc(result.rejected)
             if result.over_limit:
                 raise ProtocolError("too many awareness client ids", closecodes.BAD_MESSAGE)
             if result.changed:
-                self._broadcast_awareness(result.changed, exclude=conn)
+                self._broadcast_awareness(result.changed, exclude=conn, user=conn.identity.user_id)
         elif isinstance(message, QueryAwareness):
             conn.send(protocol.encode_awareness(self.awareness.snapshot()))
         elif isinstance(message, ExtensionMessage):
@@ -190,12 +195,17 @@ class Room:
         elif isinstance(message, AuthMessage):
             pass  # clients have nothing to tell us here; the token is the only credential
 
-    def _broadcast_awareness(self, entries: list, exclude: Connection | None) -> None:
+    def _broadcast_awareness(self, entries: list[AwarenessEntry], exclude: Connection | None,
+                             user: str | None = None) -> None:
         frame = protocol.encode_awareness(entries)
         for member in self.members:
             if member is not exclude:
                 member.send(frame)
-        self.bus.publish(self.name, "awareness", frame)
+        self.bus.publish(self.name, "awareness", pack_awareness([(e, user or "") for e in entries]))
+
+    def local_awareness(self) -> list[tuple[AwarenessEntry, str]]:
+        """This node's own members' awareness entries with their users (for peers)."""
+        return self.awareness.owned_entries(lambda owner: not isinstance(owner, tuple))
 
     def expire_awareness(self, timeout: float) -> None:
         removed = self.awareness.expire(self.clock(), timeout)
@@ -218,16 +228,23 @@ class Room:
         for service in self._commit_watchers:
             service.on_commit(self, origin, update, author)
         frame = protocol.encode_update(update)
-        self._enqueue(_Pending(effects, frame, update, source, author, time.perf_counter()))
+        self._enqueue(_Pending(effects, frame, update=update, source=source, author=author,
+                               received=time.perf_counter()))
 
     def reply_after_durable(self, conn: Connection, frame: bytes) -> None:
         """Send ``frame`` to one member once every update applied so far is durable."""
+        self.after_durable(lambda: conn.send(frame))
+
+    def after_durable(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once every update applied so far is durable (at once if it already is)."""
         if self._undurable == 0 and not self._queue:
-            conn.send(frame)
+            action()
         else:
-            self._enqueue(_Pending(None, frame, source=conn))
+            self._enqueue(_Pending(None, b"", then=action))
 
     def _enqueue(self, item: _Pending) -> None:
+        if self.poisoned:
+            return
         if item.effects is not None and item.effects.persist:
             self._undurable += 1
         self._queue.append(item)
@@ -267,8 +284,8 @@ class Room:
         for item in batch:
             source = item.source
             if item.effects is None:
-                if source is not None:
-                    source.send(item.frame)
+                if item.then is not None:
+                    item.then()
                 continue
             if item.effects.relay:
                 for member in members:
@@ -322,6 +339,36 @@ class Room:
         except ProtocolError:
             self.log.warning("peer update rejected")
 
-    def deliver_awareness(self, frame: bytes) -> None:
-        for member in self.members:
-            member.send(frame)
+    def deliver_awareness(self, node: str, payload: bytes) -> None:
+        """Awareness from another node: tracked (owner = that node) and relayed locally only."""
+        try:
+            pairs = unpack_awareness(payload)
+        except Exception:
+            self.log.warning("bad awareness payload from peer", peer=node)
+            return
+        owner = ("node", node)
+        now = self.clock()
+        changed: list[AwarenessEntry] = []
+        for entry, user in pairs:
+            changed += self.awareness.apply(owner, user, (entry,), now).changed
+        if changed:
+            frame = protocol.encode_awareness(changed)
+            for member in self.members:
+                member.send(frame)
+
+    def forget_node(self, node: str) -> None:
+        """A peer node died: its clients' cursors vanish here too."""
+        removed = self.awareness.remove_owner(("node", node), self.clock())
+        if removed:
+            frame = protocol.encode_awareness(removed)
+            for member in self.members:
+                member.send(frame)
+
+
+def pack_awareness(pairs: list[tuple[AwarenessEntry, str]]) -> bytes:
+    return msgpack.packb([[e.client_id, e.clock, e.state, user] for e, user in pairs])
+
+
+def unpack_awareness(payload: bytes) -> list[tuple[AwarenessEntry, str]]:
+    rows = msgpack.unpackb(payload)
+    return [(AwarenessEntry(int(cid), int(clock), str(state)), str(user)) for cid, clock, state, user in rows]

@@ -58,6 +58,8 @@ class Settings:
     awareness_timeout_seconds: float = field(default=30.0, metadata={"help": "drop awareness not renewed for this long"})
     room_grace_seconds: float = field(default=10.0, metadata={"help": "keep an empty room loaded this long"})
     drain_seconds: float = field(default=10.0, metadata={"help": "graceful shutdown budget"})
+    resync_seconds: float = field(default=30.0, metadata={"help": "anti-entropy: nodes compare state vectors this often"})
+    node_timeout_seconds: float = field(default=5.0, metadata={"help": "a peer silent this long is dead; its presence is removed"})
 
     # Storage.
     compact_after_updates: int = field(default=500, metadata={"help": "fold a room's log into its snapshot past this many updates"})
@@ -90,7 +92,8 @@ class Settings:
                      "max_awareness_entries", "max_awareness_state_bytes", "max_client_ids",
                      "compact_after_updates", "compact_after_bytes"):
             check(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive")
-        for name in ("rate_limit", "keepalive_seconds", "awareness_timeout_seconds", "drain_seconds"):
+        for name in ("rate_limit", "keepalive_seconds", "awareness_timeout_seconds", "drain_seconds",
+                     "resync_seconds", "node_timeout_seconds"):
             check(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive")
         check(self.room_grace_seconds >= 0, "--room-grace-seconds must not be negative")
         return self

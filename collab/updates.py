@@ -429,6 +429,8 @@ def _scan_update(data: bytes, max_depth: int, graph: _TypeGraph | None) -> int:
                 raise InvalidUpdate(_CLOCK_RANGE)
         if num_structs * 2 > n_data - pos:  # info byte + at least one more byte each
             raise InvalidUpdate(_COUNT)
+        if not num_structs:
+            raise InvalidUpdate("empty client section")
         if num_clients > 1:
             if client in seen:
                 raise InvalidUpdate("client listed twice")

@@ -20,7 +20,7 @@ Everything is pure and clock-injected; the room decides what to send.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 
 from collab.protocol import AwarenessEntry
@@ -45,12 +45,11 @@ class ApplyResult:
 
 
 class RoomAwareness:
-    def __init__(self, *, max_client_ids_per_owner: int = 8) -> None:
+    def __init__(self) -> None:
         self._states: dict[int, _Known] = {}
         # Clocks of removed clients, so that a late copy of an old update is not re-applied.
         self._removed: dict[int, tuple[int, float]] = {}
         self._owned: dict[Hashable, set[int]] = {}
-        self._max_ids = max_client_ids_per_owner
 
     def __len__(self) -> int:
         return len(self._states)
@@ -62,11 +61,17 @@ class RoomAwareness:
         known = self._states.get(client_id)
         return known.owner if known else None
 
+    def owned_entries(self, keep: Callable[[Hashable], bool]) -> list[tuple[AwarenessEntry, str]]:
+        """Entries (with their user) whose owner passes ``keep`` — e.g. only this node's own."""
+        return [(AwarenessEntry(cid, k.clock, k.state), k.user) for cid, k in self._states.items() if keep(k.owner)]
+
     def snapshot(self) -> list[AwarenessEntry]:
         """Every known state, for a joiner or a query-awareness request."""
         return [AwarenessEntry(cid, k.clock, k.state) for cid, k in self._states.items()]
 
-    def apply(self, owner: Hashable, user: str, entries: Iterable[AwarenessEntry], now: float) -> ApplyResult:
+    def apply(self, owner: Hashable, user: str, entries: Iterable[AwarenessEntry], now: float,
+              max_ids: int | None = None) -> ApplyResult:
+        """Apply ``owner``'s entries; ``max_ids`` bounds how many clientIDs that owner may hold."""
         result = ApplyResult()
         owned = self._owned.setdefault(owner, set())
         for entry in entries:
@@ -90,7 +95,7 @@ class RoomAwareness:
             if entry.clock <= current:
                 continue  # an echo of what we already have, or stale
             if known is None:
-                if cid not in owned and len(owned) >= self._max_ids:
+                if max_ids is not None and cid not in owned and len(owned) >= max_ids:
                     result.over_limit = True
                     continue
                 self._states[cid] = _Known(entry.clock, entry.state, owner, user, now)

@@ -2,24 +2,40 @@
 
 Theory of operation
 -------------------
-A room's document is stored as an optional *snapshot* (one compacted Yjs v1 update) plus a *tail* of
-updates appended after it, each a row with an id, author and timestamp.
+A room's document is stored as an optional *snapshot* (one compacted Yjs v1 update) plus a *log* of
+updates, each a row with an id, author and timestamp. The snapshot remembers the id of the newest row
+it holds (``upto_id``); the room's *tail* is every row with a larger id. ``load`` returns snapshot +
+tail, so its cost is bounded by how often the room is compacted, not by the room's age.
 
 * ``append`` returns an update's id only once the row is committed: the server awaits it before
   relaying the update to anyone ("durable before relayed"). Backends make this cheap with group
-  commit: every append that arrives while a write is in flight goes into the next single transaction.
-* Ids are unique, and within a room they increase in append order. A reader never sees a room's row
-  ``n`` committed while a row ``m < n`` of that room is still to come: committed ids are a prefix of
-  the room's ids. (SQLite gets this from its single writer; a PostgreSQL backend must serialize a
-  room's appends, e.g. per-room advisory lock, because sequences do not commit in order.)
-* ``compact`` folds the tail into the snapshot and deletes exactly the rows it folded. The snapshot
-  remembers the id of the newest folded row (``upto_id``); the tail is every row of the room with a
-  larger id, so an update appended while compaction runs survives, and two compactions racing (two
-  processes) can neither lose nor duplicate an update.
-* ``history`` lists the tail rows with their attribution. Rows folded into the snapshot no longer
-  exist as rows, so history only covers updates since the last compaction.
-* Failures surface as ``StoreError`` (``StoreClosed`` after ``close``); the database driver's own
-  exceptions are the cause (``__cause__``), never the interface.
+  commit: every append that arrives while a write is in flight goes into the next single transaction
+  (``commits`` counts those transactions, ``appended`` the updates they held).
+* Ids are unique across the store, and within a room they increase in append order. A reader never
+  sees a room's row ``n`` committed while a row ``m < n`` of that room is still to come: committed ids
+  are a prefix of the room's ids. (SQLite gets this from its single writer; PostgreSQL serializes a
+  room's appends with a per-room advisory lock, because sequences do not commit in order.) So "every
+  row with id > x" never misses a row that commits later, which is what ``load``, compaction and
+  ``history(after_id=...)`` paging rely on.
+* ``compact`` folds the tail into a new snapshot and moves ``upto_id`` to the newest folded row. The
+  folded rows are KEPT as history (attribution for per-user undo, audit, replay): they leave ``load``
+  but not ``history``. An update appended while compaction runs has a larger id, so it stays in the
+  tail. Compaction writes only if the snapshot's ``upto_id`` is still the one it read, so two racing
+  compactions (two tasks, processes or hosts) can neither lose nor duplicate an update; PostgreSQL
+  also lets only one node compact a room at a time (advisory try-lock: the loser returns False).
+  Folding keeps parts a Doc could not integrate yet (see ``fold_updates``).
+* Retention: the same compaction prunes history, keeping the newest ``history_keep`` rows at or below
+  the new ``upto_id`` (default ``DEFAULT_HISTORY_KEEP``; 0 deletes every folded row). Pruning only
+  ever deletes rows already inside the snapshot (id <= upto_id): the tail is never touched. A room
+  therefore holds at most ``history_keep`` + tail rows.
+* ``history`` lists rows (retained and tail) in id order with their attribution; ``after_id`` /
+  ``before_id`` (both exclusive) page through it, ``author`` filters.
+* Metadata: a small key/value map per room (``get_meta`` / ``put_meta`` / ``list_meta``) for services
+  (undo stacks, room owner, invites). Each ``put_meta`` is its own durable transaction, independent
+  of the update log and of group commit. Keys, values and keys per room are bounded (``MAX_META_*``).
+* Storage failures surface as ``StoreError`` (``StoreClosed`` once closed) with the driver's own
+  exception as ``__cause__``: callers never need to know the database. Bad arguments raise
+  ValueError/TypeError before anything is queued, so one bad append can never fail a whole batch.
 """
 
 from __future__ import annotations
@@ -35,8 +51,16 @@ import pycrdt
 MAX_UPDATE_BYTES = 64 * 1024 * 1024
 # Room names are keys, not content: bound them so a client-chosen name cannot bloat every row.
 MAX_ROOM_NAME_BYTES = 1024
+# Authors are server-stamped user ids; bounded like room names.
+MAX_AUTHOR_BYTES = 1024
 # Upper bound for one history() page.
 MAX_HISTORY_LIMIT = 10_000
+# Rows kept per room beyond the snapshot, by default (see "Retention").
+DEFAULT_HISTORY_KEEP = 20_000
+# Metadata bounds: key size (UTF-8 bytes), value size, and distinct keys per room.
+MAX_META_KEY_BYTES = 256
+MAX_META_VALUE_BYTES = 1024 * 1024
+MAX_META_KEYS = 10_000
 
 
 class StoreError(Exception):
@@ -71,6 +95,11 @@ class Store(abc.ABC):
     ``async with open_store(url) as store: ...``.
     """
 
+    # Group-commit metrics, kept by every backend: transactions that committed appends, and the
+    # appends they held (appended / commits = average batch size).
+    commits: int = 0
+    appended: int = 0
+
     @abc.abstractmethod
     async def open(self) -> None:
         """Create or migrate the schema and start the writer. Call once before anything else."""
@@ -104,12 +133,35 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def history(
-        self, room: str, *, after_id: int = 0, limit: int = 1000
+        self,
+        room: str,
+        *,
+        after_id: int = 0,
+        before_id: int | None = None,
+        limit: int = 1000,
+        author: str | None = None,
     ) -> list[StoredUpdate]:
-        """Tail rows with id > after_id, oldest first, at most ``limit`` (<= MAX_HISTORY_LIMIT).
+        """Rows with ``after_id < id < before_id`` (and by ``author`` if given), oldest first.
 
-        Only updates not yet folded by ``compact`` are listed.
+        At most ``limit`` rows (1..MAX_HISTORY_LIMIT). Covers the tail and the rows compaction kept
+        (see "Retention"); page on with ``after_id=rows[-1].id``.
         """
+
+    @abc.abstractmethod
+    async def get_meta(self, room: str, key: str) -> bytes | None:
+        """The value stored under (room, key), or None."""
+
+    @abc.abstractmethod
+    async def put_meta(self, room: str, key: str, value: bytes | None) -> None:
+        """Store ``value`` under (room, key), durably, before returning; None deletes the key.
+
+        Raises ValueError for a bad key or value, or for a new key when the room already holds
+        MAX_META_KEYS keys.
+        """
+
+    @abc.abstractmethod
+    async def list_meta(self, room: str, prefix: str = "") -> dict[str, bytes]:
+        """Every (key, value) of the room whose key starts with ``prefix``, in key order."""
 
     @abc.abstractmethod
     async def rooms(self, prefix: str = "") -> list[str]:
@@ -136,7 +188,7 @@ class Store(abc.ABC):
         await self.close()
 
 
-def check_append_args(room: str, update: bytes) -> None:
+def check_append_args(room: str, update: bytes, author: str | None = None) -> None:
     """The argument checks every backend applies to ``append``."""
     check_room(room)
     if not isinstance(update, bytes):
@@ -145,19 +197,83 @@ def check_append_args(room: str, update: bytes) -> None:
         raise ValueError("empty update")
     if len(update) > MAX_UPDATE_BYTES:
         raise ValueError(f"update of {len(update)} bytes exceeds {MAX_UPDATE_BYTES}")
+    if author is not None:
+        _check_text("author", author, MAX_AUTHOR_BYTES)
 
 
 def check_room(room: str) -> None:
-    if not isinstance(room, str):
-        raise TypeError(f"room must be str, not {type(room).__name__}")
-    if not room:
-        raise ValueError("empty room name")
+    _check_text("room name", room, MAX_ROOM_NAME_BYTES)
+
+
+def check_history_args(
+    after_id: int, before_id: int | None, limit: int, author: str | None
+) -> None:
+    for name, value in (("after_id", after_id), ("before_id", before_id), ("limit", limit)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise TypeError(f"{name} must be int, not {type(value).__name__}")
+    if not 1 <= limit <= MAX_HISTORY_LIMIT:
+        raise ValueError(f"limit must be between 1 and {MAX_HISTORY_LIMIT}")
+    if author is not None:
+        _check_text("author", author, MAX_AUTHOR_BYTES)
+
+
+def check_meta_key(key: str) -> None:
+    _check_text("meta key", key, MAX_META_KEY_BYTES)
+
+
+def check_meta_prefix(prefix: str) -> None:
+    if prefix:
+        check_meta_key(prefix)
+    elif not isinstance(prefix, str):
+        raise TypeError(f"prefix must be str, not {type(prefix).__name__}")
+
+
+def check_meta_value(value: bytes | None) -> None:
+    if value is None:
+        return
+    if not isinstance(value, bytes):
+        raise TypeError(f"meta value must be bytes or None, not {type(value).__name__}")
+    if len(value) > MAX_META_VALUE_BYTES:
+        raise ValueError(f"meta value of {len(value)} bytes exceeds {MAX_META_VALUE_BYTES}")
+
+
+def check_history_keep(history_keep: int) -> int:
+    if not isinstance(history_keep, int) or isinstance(history_keep, bool) or history_keep < 0:
+        raise ValueError(f"history_keep must be an int >= 0, not {history_keep!r}")
+    return history_keep
+
+
+def _check_text(what: str, value: str, max_bytes: int) -> None:
+    """Non-empty, valid Unicode without NUL (PostgreSQL text cannot hold it), at most max_bytes."""
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be str, not {type(value).__name__}")
+    if not value:
+        raise ValueError(f"empty {what}")
     try:
-        size = len(room.encode("utf-8"))
+        size = len(value.encode("utf-8"))
     except UnicodeEncodeError:
-        raise ValueError("room name is not valid Unicode (lone surrogate)") from None
-    if size > MAX_ROOM_NAME_BYTES:
-        raise ValueError(f"room name longer than {MAX_ROOM_NAME_BYTES} bytes")
+        raise ValueError(f"{what} is not valid Unicode (lone surrogate)") from None
+    if size > max_bytes:
+        raise ValueError(f"{what} longer than {max_bytes} bytes")
+    if "\0" in value:
+        raise ValueError(f"{what} contains NUL")
+
+
+def prefix_upper_bound(prefix: str) -> str | None:
+    """The least string greater than every string starting with ``prefix`` (code point order).
+
+    None when there is none (the prefix is all U+10FFFF). With it, "starts with prefix" becomes the
+    index-friendly range ``prefix <= s < bound``.
+    """
+    chars = list(prefix)
+    while chars:
+        last = ord(chars.pop())
+        if last < 0x10FFFF:
+            nxt = last + 1
+            if 0xD800 <= nxt <= 0xDFFF:  # surrogates never occur in valid names
+                nxt = 0xE000
+            return "".join(chars) + chr(nxt)
+    return None
 
 
 def fold_updates(snapshot: bytes | None, updates: list[bytes]) -> bytes:

@@ -8,18 +8,19 @@ Theory of operation
   flight; ``busy_timeout`` makes writers of different processes queue for the file's single write lock.
   Every write transaction is ``BEGIN IMMEDIATE``: it takes the write lock up front, so it waits on
   the busy handler instead of failing half-way when another process wrote first.
-* Group commit: ``append`` queues (row, future) and wakes the flusher; the flusher writes everything
-  queued (up to MAX_BATCH_*) in one transaction and resolves the futures after COMMIT. Appends that
-  arrive meanwhile form the next batch. No timer: a lone append pays one commit, a crowd shares one.
-* Ids: ``INTEGER PRIMARY KEY AUTOINCREMENT`` never hands out an id again, even after compaction deleted
-  the newest rows, so a room's ids only grow and "tail = rows with id > snapshot.upto_id" holds across
-  restarts. With the write lock held, the rows of one ``executemany`` get consecutive ids that end at
+* Group commit (``groupcommit.GroupCommitStore``): the flusher writes every queued append (up to
+  MAX_BATCH_*) with one ``executemany`` in one ``BEGIN IMMEDIATE`` transaction.
+* Ids: ``INTEGER PRIMARY KEY AUTOINCREMENT`` never hands out an id again, even after pruning deleted
+  the newest rows (``history_keep=0``), so a room's ids only grow and "tail = rows with id >
+  snapshot.upto_id" holds across restarts. With the write lock held, the rows of one ``executemany`` get consecutive ids that end at
   ``last_insert_rowid()``.
 * Compaction is optimistic: read snapshot + tail (one read transaction), fold them outside any
-  transaction in a worker thread, then in one write transaction replace the snapshot and delete the
-  folded rows -- only if the snapshot's ``upto_id`` is still the one read, otherwise someone else
-  (another task or process) compacted first and we start over. Rows with ids above the folded ones
-  are never touched.
+  transaction in a worker thread, then in one write transaction replace the snapshot and prune the
+  history (keep the newest ``history_keep`` rows with id <= the new upto_id) -- only if the
+  snapshot's ``upto_id`` is still the one read, otherwise someone else (another task or process)
+  compacted first and we start over. Rows with ids above the folded ones are never touched.
+* Metadata (``meta`` table): ``put_meta`` is its own ``BEGIN IMMEDIATE`` transaction on the writer
+  connection (between two batches), reads use the reader.
 * Failure: a batch whose transaction fails is rolled back and every append in it raises StoreError;
   the flusher carries on, checks its connection before the next batch and reconnects if it is broken.
   If the flusher itself ever stops, everything waiting fails and ``ping`` reports it.
@@ -35,29 +36,38 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections import deque
-from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import aiosqlite
 
 from .base import (
-    MAX_HISTORY_LIMIT,
+    DEFAULT_HISTORY_KEEP,
+    MAX_META_KEYS,
     RoomState,
-    Store,
     StoreClosed,
     StoreError,
     StoredUpdate,
-    check_append_args,
+    check_history_args,
+    check_history_keep,
+    check_meta_key,
+    check_meta_prefix,
+    check_meta_value,
     check_room,
     fold_updates,
+    prefix_upper_bound,
+)
+from .groupcommit import (
+    DEFAULT_MAX_PENDING,
+    DEFAULT_MAX_PENDING_BYTES,
+    GroupCommitStore,
+    Pending,
 )
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
         # AUTOINCREMENT: ids are never reused (see theory of operation).
@@ -77,16 +87,17 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
            )""",
         "CREATE TABLE rooms (name TEXT PRIMARY KEY, created_at REAL NOT NULL) WITHOUT ROWID",
     ),
+    2: (
+        """CREATE TABLE meta (
+               room       TEXT NOT NULL,
+               key        TEXT NOT NULL,
+               value      BLOB NOT NULL,
+               updated_at REAL NOT NULL,
+               PRIMARY KEY (room, key)
+           ) WITHOUT ROWID""",
+    ),
 }
 
-# One transaction holds at most this many updates / bytes, so a backlog is written in bounded steps
-# and a single commit never needs an unbounded amount of memory or WAL.
-MAX_BATCH_UPDATES = 1000
-MAX_BATCH_BYTES = 16 * 1024 * 1024
-# Backpressure: appends wait (before queueing) while this many updates / bytes are queued or being
-# written, so a slow disk slows producers down instead of growing server memory.
-DEFAULT_MAX_PENDING = 10_000
-DEFAULT_MAX_PENDING_BYTES = 64 * 1024 * 1024
 # How long a writer waits for another process's write lock before its commit fails.
 DEFAULT_BUSY_TIMEOUT = 5.0
 # After a checkpoint the WAL file is truncated to this size, so one burst does not keep its disk space.
@@ -99,16 +110,7 @@ KNOWN_ROOMS_CACHE = 100_000
 Synchronous = Literal["FULL", "NORMAL"]
 
 
-@dataclass(slots=True)
-class _Pending:
-    room: str
-    data: bytes
-    author: str | None
-    ts: float
-    future: asyncio.Future[int]
-
-
-class SQLiteStore(Store):
+class SQLiteStore(GroupCommitStore):
     def __init__(
         self,
         path: str | PathLike[str],

@@ -134,3 +134,179 @@ async def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, w
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out waiting for {what}")
         await asyncio.sleep(interval)
+
+
+class InProcessServer:
+    """A real uvicorn server running `create_app` inside the test's event loop.
+
+    Cheaper than a process, and lets several nodes share one in-process bus network
+    (`collab.bus.LocalNetwork`) to exercise multi-node paths without Redis.
+    """
+
+    def __init__(self, data_dir: Path, *, network=None, store=None, **settings: Any) -> None:
+        from collab.settings import load_settings
+
+        self.port = settings.pop("port", None) or free_port()
+        flags = {"port": str(self.port), "store": str(Path(data_dir) / "collab.db")}
+        flags.update({k: str(v) for k, v in settings.items() if v is not None})
+        self.settings = load_settings(flags, environ={})
+        self.network = network
+        self._store = store
+        self.app = None
+        self._server = None
+        self._task: asyncio.Task | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def hub(self):
+        return self.app.state.hub
+
+    async def start(self) -> InProcessServer:
+        import uvicorn
+
+        from collab.app import create_app
+
+        self.app = create_app(self.settings, network=self.network, store=self._store)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, ws=self.settings.ws_impl,
+                                lifespan="on", log_config=None, access_log=False, ws_per_message_deflate=False,
+                                ws_max_size=self.settings.max_frame_bytes + 65536)
+        self._server = uvicorn.Server(config)
+        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._task = asyncio.create_task(self._server.serve())
+        await wait_until(lambda: self._server.started or self._task.done(), timeout=10, what="in-process server")
+        if self._task.done():
+            self._task.result()
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None and self._task is not None and not self._task.done():
+            self._server.should_exit = True
+            await asyncio.wait_for(self._task, 20)
+
+    async def __aenter__(self) -> InProcessServer:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+class RedisServer:
+    """A private `redis-server` on a free loopback port, so tests can kill, freeze and restart it."""
+
+    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+        self.data_dir = Path(data_dir)
+        self.port = port or free_port()
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> RedisServer:
+        import shutil
+
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is not installed (make test installs it)"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.proc = await asyncio.create_subprocess_exec(
+            binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(self.data_dir), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        await wait_until(self._accepting, timeout=10, what="redis-server to accept connections")
+        return self
+
+    async def _accepting(self) -> bool:
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        except OSError:
+            return False
+        writer.write(b"PING\r\n")
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), 2)
+        writer.close()
+        return line.startswith(b"+PONG")
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            await self.proc.wait()
+
+    def freeze(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    async def __aenter__(self) -> RedisServer:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+class TcpBalancer:
+    """The simplest load balancer: each new TCP connection goes to the first upstream that accepts.
+
+    Kill a node and its clients' reconnects land on the next one — no sticky routing involved.
+    """
+
+    def __init__(self, upstream_ports: list[int]) -> None:
+        self.upstreams = list(upstream_ports)
+        self.port = free_port()
+        self._server: asyncio.base_events.Server | None = None
+        self._pipes: set[asyncio.Task] = set()
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    async def start(self) -> TcpBalancer:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+        return self
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for port in self.upstreams:
+            try:
+                up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+                break
+            except OSError:
+                continue
+        else:
+            writer.close()
+            return
+        for task in (asyncio.create_task(_pipe(reader, up_writer)), asyncio.create_task(_pipe(up_reader, writer))):
+            self._pipes.add(task)
+            task.add_done_callback(self._pipes.discard)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._pipes):
+            task.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+
+    async def __aenter__(self) -> TcpBalancer:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except (OSError, asyncio.CancelledError):
+        pass
+    finally:
+        writer.close()

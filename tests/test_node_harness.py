@@ -151,7 +151,9 @@ async def test_close_events_and_reconnect_after_server_restart(node: NodeYjs, ro
         await a.disconnect()
         local = await a.wait_event("connection-close", timeout=5, since=since)
         assert (local["code"], local["local"]) == (None, True)
-        assert [c["code"] for c in await a.closes()] == [1006, None]
+        codes = [c["code"] for c in await a.closes()]
+        # One 1006 for the kill, maybe more for reconnect attempts while the server was down.
+        assert codes[-1] is None and codes[:-1] and set(codes[:-1]) == {1006}
     finally:
         await ref.stop()
 

@@ -1,7 +1,7 @@
 """Fixtures shared by the storage tests: every contract test runs once per backend.
 
-A backend is a URL template; add ``postgresql`` here (with a fresh database or schema per test) and the
-whole contract suite runs against it too.
+A backend is a URL; add ``postgresql`` here (a fresh database or schema per test) and the whole
+contract suite runs against it too.
 """
 
 from __future__ import annotations

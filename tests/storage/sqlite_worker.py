@@ -1,7 +1,7 @@
 """A separate server process for the SQLite multi-process tests (run as a script, not collected).
 
-Opens the store, prints ``ready``, waits for a line on stdin (so several workers start together), then
-runs TASKS writers that each append COUNT tokens (forever if COUNT < 0) and print
+Opens the store, prints ``ready``, waits for a line on stdin (so several workers start together),
+then runs TASKS writers that each append COUNT tokens (forever if COUNT < 0) and print
 ``committed <id> <writer> <token>`` after each append returned, i.e. after its commit.
 """
 

@@ -1,4 +1,4 @@
-"""SQLite-only behaviour: URLs, pragmas, several OS processes on one file, kill -9, failing commits."""
+"""SQLite-only behaviour: URLs, pragmas, OS processes sharing a file, kill -9, failing commits."""
 
 from __future__ import annotations
 
@@ -33,6 +33,12 @@ def text_of_store_state(snapshot: bytes | None, updates: list[bytes]) -> str:
     return str(doc.get("t", type=pycrdt.Text))
 
 
+async def append_many(store: SQLiteStore, count: int) -> list[int | BaseException]:
+    """Concurrent appends to room "r"; a failing commit must fail them, never hang them."""
+    appends = (store.append("r", update_of(f"u{n}")) for n in range(count))
+    return await asyncio.wait_for(asyncio.gather(*appends, return_exceptions=True), timeout=10)
+
+
 @pytest.fixture
 async def opened(tmp_path: Path):
     stores: list[SQLiteStore] = []
@@ -53,9 +59,14 @@ async def opened(tmp_path: Path):
 
 def test_store_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    assert open_store("data/x.db").path == Path("data/x.db")  # type: ignore[attr-defined]
-    assert open_store(f"sqlite://{tmp_path}/x.db").path == tmp_path / "x.db"  # type: ignore[attr-defined]
-    assert open_store("sqlite:rel/x.db").path == Path("rel/x.db")  # type: ignore[attr-defined]
+    def path_of(url: str) -> Path:
+        store = open_store(url)
+        assert isinstance(store, SQLiteStore)
+        return store.path
+
+    assert path_of("data/x.db") == Path("data/x.db")
+    assert path_of(f"sqlite://{tmp_path}/x.db") == tmp_path / "x.db"
+    assert path_of("sqlite:rel/x.db") == Path("rel/x.db")
     tuned = open_store("sqlite:x.db?synchronous=normal&busy_timeout=2.5")
     assert isinstance(tuned, SQLiteStore)
     assert (tuned.synchronous, tuned.busy_timeout) == ("NORMAL", 2.5)
@@ -171,7 +182,9 @@ async def test_kill_9_loses_no_reported_commit(tmp_path: Path, synchronous: str)
     assert len(reported) >= 400
 
     async with open_store(url) as store:
-        rows = {row.id: row for row in await store.history("room", limit=10_000)}
+        rows = {}
+        while page := await store.history("room", after_id=max(rows, default=0)):
+            rows.update((row.id, row) for row in page)
         for update_id, (author, _) in reported.items():
             assert rows[update_id].author == author
         state = await store.load("room")
@@ -187,13 +200,7 @@ async def test_a_locked_database_fails_the_waiting_appends_then_recovers(opened)
     blocker = sqlite3.connect(store.path, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
     try:
-        results = await asyncio.wait_for(
-            asyncio.gather(
-                *(store.append("r", update_of(f"lost{n}")) for n in range(20)),
-                return_exceptions=True,
-            ),
-            timeout=10,
-        )
+        results = await append_many(store, 20)
         assert all(isinstance(r, StoreError) for r in results), results
         assert "locked" in str(results[0])
     finally:
@@ -211,10 +218,7 @@ async def test_a_read_only_database_fails_appends_and_compaction_until_writable(
     await store.append("r", update_of("a"))
     assert store._writer is not None
     await store._writer.execute("PRAGMA query_only = ON")  # as if the disk went read-only
-    results = await asyncio.wait_for(
-        asyncio.gather(*(store.append("r", update_of(f"{n}")) for n in range(10)), return_exceptions=True),
-        timeout=10,
-    )
+    results = await append_many(store, 10)
     assert all(isinstance(r, StoreError) for r in results), results
     with pytest.raises(StoreError):
         await store.compact("r")
@@ -229,10 +233,7 @@ async def test_a_broken_writer_connection_is_replaced(opened) -> None:
     store = await opened()
     assert store._writer is not None
     await store._writer.close()  # the connection died under the store
-    results = await asyncio.wait_for(
-        asyncio.gather(*(store.append("r", update_of(f"{n}")) for n in range(5)), return_exceptions=True),
-        timeout=10,
-    )
+    results = await append_many(store, 5)
     assert all(isinstance(r, StoreError) for r in results), results
     assert await store.append("r", update_of("ok")) > 0
     assert store._reader is not None

@@ -121,18 +121,19 @@ async def test_ids_increase_per_room_across_rooms_compaction_and_restart(
 
 async def test_concurrent_appends_are_all_durable_and_group_committed(store: Store) -> None:
     writers = [Writer(f"w{n}") for n in range(50)]
-    commits_before = getattr(store, "commits")
+    commits_before = store.commits
 
     async def edit(writer: Writer) -> list[int]:
         return [await store.append("busy", writer.insert_token()) for _ in range(40)]
 
-    ids = [i for per_writer in await asyncio.gather(*(edit(w) for w in writers)) for i in per_writer]
+    per_writer = await asyncio.gather(*(edit(w) for w in writers))
+    ids = [i for writer_ids in per_writer for i in writer_ids]
 
     assert len(ids) == len(set(ids)) == 2000
     state = await store.load("busy")
     assert len(state.updates) == 2000
     assert_tokens(text_of(state), writers)
-    commits = getattr(store, "commits") - commits_before
+    commits = store.commits - commits_before
     assert commits <= 2000 / 10, f"{commits} commits for 2000 appends: no group commit"
 
 
@@ -212,7 +213,9 @@ async def test_appends_racing_compaction_are_never_lost(store: Store) -> None:
 
 async def test_two_stores_on_one_storage_lose_nothing(store: Store, open_new) -> None:
     other = await open_new()
-    writers = {store: [Writer(f"a{n}") for n in range(4)], other: [Writer(f"b{n}") for n in range(4)]}
+    writers = {
+        s: [Writer(f"{name}{n}") for n in range(4)] for s, name in ((store, "a"), (other, "b"))
+    }
     turns = random.Random(11).randrange
     for _ in range(60):
         # Scheduling jitter (not time): compactions start before, between and after the appends,
@@ -268,7 +271,9 @@ async def test_rooms_are_listed_by_prefix(store: Store) -> None:
 
     assert await store.rooms() == sorted(names)
     assert await store.rooms("ws1/") == ["ws1/doc-a", "ws1/doc-a/sub", "ws1/doc-b"]
-    assert await store.rooms("ws1") == ["ws1", "ws1/doc-a", "ws1/doc-a/sub", "ws1/doc-b", "ws10/doc"]
+    assert await store.rooms("ws1") == [
+        "ws1", "ws1/doc-a", "ws1/doc-a/sub", "ws1/doc-b", "ws10/doc"
+    ]
     assert await store.rooms("é/") == ["é/ünï"]
     assert await store.rooms("zzz") == []
 

@@ -1,0 +1,858 @@
+"""Load generator: many y-websocket clients in rooms, sending small real edits at a fixed rate.
+
+Theory of operation
+-------------------
+* Clients are spread over worker *processes* by room (every client of a room lives in the same
+  worker), so a sender and its receivers share one clock and one side table
+  ``pending[(client, clock)] -> [send time, deliveries outstanding, step, second]``.
+* Every update is prebuilt before a step starts (``ywire.TextAppender``: an append to the room's
+  ``Y.Text`` after the sender's own previous insert, ~30 bytes like a keystroke, already framed and
+  masked), so a send is one ``transport.write``. Receivers never run a CRDT: they read the
+  ``(client, clock)`` of the relayed update (four varints) and look it up.
+* Each step has a schedule (every sender at ``rate`` with a random phase); the worker sends what is
+  due, records how late it was (*send slip*) and measures its own event-loop lag. Slip or lag
+  above a few ms, or a worker near 100% CPU, means the client side was saturated: the step
+  reports ``client.saturated`` and the numbers are a lower bound for the server.
+* Latency is sender→receiver: from the moment a frame is written to the socket until each other
+  member of the room has it. Deliveries still missing after the drain window count as infinitely
+  late (so losing >1% makes p99 infinite) and are reported as ``undelivered``.
+* Servers that echo an update back to its sender (the Node reference server, pycrdt-websocket)
+  have those echoes counted in ``frames_out`` but not in latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import random
+import sys
+import time
+from array import array
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from benchmarks import wsraw, ywire
+from benchmarks.servers import ProcSampler
+from benchmarks.stats import finite, from_bytes, percentiles
+
+SLIP_LIMIT_MS = 10.0  # p99 of send slip above this: the generator could not keep its schedule
+LAG_LIMIT_MS = 20.0  # p99 of event-loop lag above this: the generator's loop was overloaded
+CPU_LIMIT = 0.90  # a worker using this share of a core is saturated
+
+_STEP2_EMPTY_FRAME = b""  # built lazily (masking needs os.urandom, fine at import, but keep it cheap)
+
+
+def default_workers() -> int:
+    """Generator processes: leave at least one core to the server."""
+    n = os.cpu_count() or 1
+    return max(1, min(4, n // 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# worker side
+
+
+@dataclass(slots=True)
+class _Client:
+    index: int
+    room: int
+    cid: int
+    sender: bool
+    appender: ywire.TextAppender | None
+    conn: wsraw.RawConnection | None = None
+    connect_started: float = 0.0
+    connect_s: float | None = None
+    step1_at: float = 0.0
+    sync_s: float | None = None
+    error: str | None = None
+
+
+class _StepStats:
+    __slots__ = ("step", "start", "duration", "sent", "expected", "received", "echo", "unmatched", "other",
+                 "lat_by_sec", "frames_by_sec", "sent_by_sec", "slips", "lags", "closes", "skipped",
+                 "recent", "wbuf_max", "cpu0", "frames_total")
+
+    def __init__(self, step: int, start: float, duration: float, drain: float) -> None:
+        seconds = int(math.ceil(duration + drain)) + 2
+        self.step = step
+        self.start = start
+        self.duration = duration
+        self.sent = 0
+        self.expected = 0
+        self.received = 0
+        self.echo = 0
+        self.unmatched = 0
+        self.other = 0
+        self.lat_by_sec = [array("d") for _ in range(seconds)]
+        self.frames_by_sec = [0] * seconds
+        self.sent_by_sec = [0] * seconds
+        self.slips = array("d")
+        self.lags = array("d")
+        self.closes: Counter[str] = Counter()
+        self.skipped = 0
+        self.recent = array("d")
+        self.wbuf_max = 0
+        self.frames_total = 0
+        t = os.times()
+        self.cpu0 = t.user + t.system
+
+
+class LoadWorker:
+    def __init__(self, spec: dict[str, Any], pipe) -> None:
+        self.spec = spec
+        self.pipe = pipe
+        self.url: str = spec["url"]
+        self.clients: list[_Client] = []
+        self.rooms: dict[int, list[_Client]] = {}
+        self.room_names: dict[int, str] = {}
+        self.pending: dict[tuple[int, int], list] = {}
+        self.step: _StepStats | None = None
+        self.closing = False
+        self.unexpected_closes: Counter[str] = Counter()
+        self.frames_outside = 0
+        self.schedule: tuple[array, list, list] | None = None
+        self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        global _STEP2_EMPTY_FRAME
+        _STEP2_EMPTY_FRAME = wsraw.client_frame(ywire.STEP2_EMPTY)
+        rnd = random.Random(spec["seed"])
+        index = 0
+        for room_index, name, n_clients, n_senders in spec["rooms"]:
+            self.room_names[room_index] = name
+            members = []
+            for j in range(n_clients):
+                cid = spec["cid_base"] + index
+                sender = j < n_senders
+                client = _Client(index, room_index, cid, sender, ywire.TextAppender(cid) if sender else None)
+                members.append(client)
+                self.clients.append(client)
+                index += 1
+            self.rooms[room_index] = members
+        self.rnd = rnd
+        self.local_spread = spec.get("local_spread", 0)
+
+    # -- plumbing --------------------------------------------------------------------------------
+
+    def send_parent(self, message: dict[str, Any]) -> None:
+        self.pipe.send(message)
+
+    def _on_pipe(self) -> None:
+        try:
+            message = self.pipe.recv()
+        except EOFError:
+            message = {"cmd": "exit"}
+        self.inbox.put_nowait(message)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.pipe.fileno(), self._on_pipe)
+        try:
+            while True:
+                message = await self.inbox.get()
+                cmd = message["cmd"]
+                if cmd == "connect":
+                    self.send_parent({"type": "connected", **await self.connect_all(message)})
+                elif cmd == "prepare":
+                    self.prepare(message)
+                    self.send_parent({"type": "ready"})
+                elif cmd == "go":
+                    result = await self.run_step(message)
+                    self.send_parent({"type": "result", **result})
+                elif cmd == "close":
+                    await self.close_all()
+                    self.send_parent({"type": "closed"})
+                    return
+                elif cmd == "exit":
+                    await self.close_all(abort=True)
+                    return
+        finally:
+            loop.remove_reader(self.pipe.fileno())
+
+    # -- connections -----------------------------------------------------------------------------
+
+    async def connect_all(self, message: dict[str, Any]) -> dict[str, Any]:
+        concurrency = message.get("concurrency", 64)
+        timeout = message.get("timeout", 30.0)
+        sem = asyncio.Semaphore(concurrency)
+        started = time.monotonic()
+
+        async def one(client: _Client) -> None:
+            async with sem:
+                client.connect_started = time.monotonic()
+                local = wsraw.local_host_for(client.index + self.spec["index_base"], self.local_spread)
+                try:
+                    conn = await wsraw.connect(self.url, self.room_names[client.room], on_message=self.on_message,
+                                               on_close=self.on_close, tag=client, local_host=local,
+                                               timeout=timeout)
+                except (OSError, ConnectionError, TimeoutError) as exc:
+                    client.error = type(exc).__name__ + ": " + str(exc)[:100]
+                    return
+                now = time.monotonic()
+                client.conn = conn
+                client.connect_s = now - client.connect_started
+                client.step1_at = now
+                conn.write(wsraw.client_frame(ywire.STEP1_EMPTY))
+
+        await asyncio.gather(*(one(c) for c in self.clients))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(c.sync_s is not None or c.conn is None or c.conn.transport is None for c in self.clients):
+                break
+            await asyncio.sleep(0.02)
+        errors = Counter(c.error or "not synced" for c in self.clients if c.sync_s is None)
+        return {
+            "connect_s": array("d", [c.connect_s for c in self.clients if c.connect_s is not None]).tobytes(),
+            "sync_s": array("d", [c.sync_s for c in self.clients if c.sync_s is not None]).tobytes(),
+            "errors": dict(errors),
+            "seconds": time.monotonic() - started,
+        }
+
+    def on_close(self, conn: wsraw.RawConnection) -> None:
+        if self.closing:
+            return
+        code = str(conn.close_code)
+        self.unexpected_closes[code] += 1
+        if self.step is not None:
+            self.step.closes[code] += 1
+
+    def on_message(self, conn: wsraw.RawConnection, msg: bytes) -> None:
+        now = time.monotonic()
+        st = self.step
+        if st is not None:
+            sec = int(now - st.start)
+            if 0 <= sec < len(st.frames_by_sec):
+                st.frames_by_sec[sec] += 1
+            st.frames_total += 1
+        else:
+            self.frames_outside += 1
+        if len(msg) < 3 or msg[0] != 0:
+            if st is not None:
+                st.other += 1
+            return
+        sub = msg[1]
+        if sub == 2:
+            # relayed update: read (client, clock) of its first struct — inline varints
+            pos = 2
+            while msg[pos] & 0x80:
+                pos += 1
+            pos += 1
+            if msg[pos] == 0:  # no structs (a pure delete set): not ours
+                if st is not None:
+                    st.other += 1
+                return
+            while msg[pos] & 0x80:  # struct-group count
+                pos += 1
+            pos += 1
+            while msg[pos] & 0x80:  # struct count
+                pos += 1
+            pos += 1
+            cid = 0
+            shift = 0
+            while True:
+                b = msg[pos]
+                pos += 1
+                cid |= (b & 0x7F) << shift
+                if b < 0x80:
+                    break
+                shift += 7
+            client: _Client = conn.tag  # type: ignore[assignment]
+            if cid == client.cid:
+                if st is not None:
+                    st.echo += 1
+                return
+            clock = 0
+            shift = 0
+            while True:
+                b = msg[pos]
+                pos += 1
+                clock |= (b & 0x7F) << shift
+                if b < 0x80:
+                    break
+                shift += 7
+            entry = self.pending.get((cid, clock))
+            if entry is None:
+                if st is not None:
+                    st.unmatched += 1
+                return
+            latency = now - entry[0]
+            owner: _StepStats = entry[2]
+            owner.lat_by_sec[entry[3]].append(latency)
+            owner.received += 1
+            owner.recent.append(latency)
+            entry[1] -= 1
+            if entry[1] <= 0:
+                del self.pending[(cid, clock)]
+        elif sub == 0:  # the server's step 1: answer like a client with nothing to add
+            conn.write(_STEP2_EMPTY_FRAME)
+        elif sub == 1:  # step 2: initial sync done
+            client = conn.tag  # type: ignore[assignment]
+            if client.sync_s is None:
+                client.sync_s = now - client.step1_at
+        elif st is not None:
+            st.other += 1
+
+    async def close_all(self, abort: bool = False) -> None:
+        self.closing = True
+        conns = [c.conn for c in self.clients if c.conn is not None and c.conn.transport is not None]
+        if abort:
+            for conn in conns:
+                conn.abort()
+            return
+        sem = asyncio.Semaphore(500)
+
+        async def one(conn: wsraw.RawConnection) -> None:
+            async with sem:
+                await conn.close(timeout=2.0)
+
+        await asyncio.gather(*(one(c) for c in conns), return_exceptions=True)
+
+    # -- steps -----------------------------------------------------------------------------------
+
+    def prepare(self, message: dict[str, Any]) -> None:
+        """Build every frame of the next step: a schedule sorted by time (offsets from step start)."""
+        rate: float = message["rate"]
+        duration: float = message["duration"]
+        period = 1.0 / rate
+        entries: list[tuple[float, int, bytes, tuple[int, int]]] = []
+        for client in self.clients:
+            if not client.sender or client.appender is None:
+                continue
+            phase = self.rnd.random() * period
+            appender = client.appender
+            k = 0
+            while True:
+                t = phase + k * period
+                if t >= duration:
+                    break
+                seq = appender.clock
+                update, clock = appender.append(f"{client.cid:x}:{seq};")
+                frame = wsraw.client_frame(ywire.update_message(update))
+                entries.append((t, client.index, frame, (client.cid, clock)))
+                k += 1
+        entries.sort(key=lambda e: e[0])
+        times = array("d", (e[0] for e in entries))
+        senders = [self.clients[e[1]] for e in entries]
+        frames = [(e[2], e[3]) for e in entries]
+        self.schedule = (times, senders, frames)
+
+    async def run_step(self, message: dict[str, Any]) -> dict[str, Any]:
+        assert self.schedule is not None
+        times, senders, frames = self.schedule
+        self.schedule = None
+        start: float = message["start_at"]
+        duration: float = message["duration"]
+        drain: float = message["drain"]
+        st = _StepStats(message["step"], start, duration, drain)
+        delay = start - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        self.step = st
+        lag_task = asyncio.create_task(self._lag_probe(st, start + duration))
+        progress_task = asyncio.create_task(self._progress(st, start + duration + drain))
+        try:
+            await self._send_schedule(st, times, senders, frames)
+            # drain: wait for outstanding deliveries of this step
+            deadline = start + duration + drain
+            while st.received < st.expected and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            end_wait = max(0.0, start + duration + 0.2 - time.monotonic())
+            if end_wait:
+                await asyncio.sleep(end_wait)
+        finally:
+            lag_task.cancel()
+            progress_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await lag_task
+            with contextlib.suppress(asyncio.CancelledError):
+                await progress_task
+        self.step = None
+        stale = [key for key, entry in self.pending.items() if entry[2] is st]
+        for key in stale:
+            del self.pending[key]
+        t = os.times()
+        cpu = t.user + t.system - st.cpu0
+        wall = time.monotonic() - start
+        slips = sorted(st.slips)
+        lags = sorted(st.lags)
+
+        def q(values: list[float], p: float) -> float:
+            return values[min(len(values) - 1, int(p * len(values)))] * 1000 if values else 0.0
+
+        return {
+            "sent": st.sent, "expected": st.expected, "received": st.received, "echo": st.echo,
+            "unmatched": st.unmatched, "other": st.other, "frames_total": st.frames_total,
+            "lat_by_sec": [a.tobytes() for a in st.lat_by_sec],
+            "frames_by_sec": st.frames_by_sec, "sent_by_sec": st.sent_by_sec,
+            "slip_p99_ms": q(slips, 0.99), "slip_max_ms": q(slips, 1.0),
+            "lag_p99_ms": q(lags, 0.99), "lag_max_ms": q(lags, 1.0),
+            "cpu_s": cpu, "wall_s": wall, "closes": dict(st.closes), "skipped": st.skipped,
+            "write_buffer_max": st.wbuf_max,
+        }
+
+    async def _send_schedule(self, st: _StepStats, times: array, senders: list[_Client],
+                             frames: list[tuple[bytes, tuple[int, int]]]) -> None:
+        start = st.start
+        rooms = self.rooms
+        pending = self.pending
+        slips = st.slips
+        sent_by_sec = st.sent_by_sec
+        monotonic = time.monotonic
+        n = len(times)
+        j = 0
+        while j < n:
+            now = monotonic()
+            rel = now - start
+            while j < n and times[j] <= rel:
+                client = senders[j]
+                conn = client.conn
+                frame, uid = frames[j]
+                if conn is None or conn.transport is None:
+                    st.skipped += 1
+                    j += 1
+                    continue
+                wbuf = conn.transport.get_write_buffer_size()
+                if wbuf > st.wbuf_max:
+                    st.wbuf_max = wbuf
+                if wbuf > 4 * 1024 * 1024:  # the server stopped reading this socket: don't pile up
+                    st.skipped += 1
+                    j += 1
+                    continue
+                sent_at = monotonic()
+                conn.transport.write(frame)
+                receivers = 0
+                for other in rooms[client.room]:
+                    if other is not client and other.conn is not None and other.conn.transport is not None:
+                        receivers += 1
+                if receivers:
+                    sec = int(times[j])
+                    pending[uid] = [sent_at, receivers, st, sec]
+                    st.expected += receivers
+                    sent_by_sec[sec] += 1
+                else:
+                    sent_by_sec[int(times[j])] += 1
+                slips.append(sent_at - start - times[j])
+                st.sent += 1
+                j += 1
+            if j < n:
+                wait = times[j] - (monotonic() - start)
+                await asyncio.sleep(wait if wait > 0.0005 else 0)
+
+    async def _lag_probe(self, st: _StepStats, until: float) -> None:
+        interval = 0.005
+        while time.monotonic() < until:
+            t0 = time.monotonic()
+            await asyncio.sleep(interval)
+            st.lags.append(max(0.0, time.monotonic() - t0 - interval))
+
+    async def _progress(self, st: _StepStats, until: float) -> None:
+        sec = 0
+        last_sent = last_frames = 0
+        while True:
+            target = st.start + sec + 1
+            await asyncio.sleep(max(0.0, target - time.monotonic()))
+            recent = sorted(st.recent)
+            st.recent = array("d")
+            self.send_parent({
+                "type": "progress", "sec": sec, "sent": st.sent - last_sent, "frames": st.frames_total - last_frames,
+                "p50": recent[len(recent) // 2] * 1000 if recent else None,
+                "p99": recent[min(len(recent) - 1, int(0.99 * len(recent)))] * 1000 if recent else None,
+                "n": len(recent), "outstanding": st.expected - st.received,
+            })
+            last_sent, last_frames = st.sent, st.frames_total
+            sec += 1
+            if target >= until:
+                return
+
+
+def _worker_entry(fd: int) -> None:
+    """Entry point of a worker process (``python -m benchmarks.load --worker-fd FD``)."""
+    from multiprocessing.connection import Connection
+
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
+    from benchmarks.servers import raise_fd_limit
+
+    raise_fd_limit()
+    pipe = Connection(fd)
+    spec = pipe.recv()
+
+    async def main() -> None:
+        await LoadWorker(spec, pipe).run()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())
+
+
+def spawn_worker(spec: dict[str, Any]):
+    """Start a worker process with a pickle pipe on a socketpair; returns (Popen, Connection).
+
+    A plain subprocess rather than multiprocessing: spawn would re-import the caller's __main__
+    (scripts without a main guard break) and fork would copy the caller's event loop."""
+    import socket
+    import subprocess
+    from multiprocessing.connection import Connection
+
+    from benchmarks.servers import ROOT
+
+    ours, theirs = socket.socketpair()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.load", "--worker-fd", str(theirs.fileno())],
+                            pass_fds=[theirs.fileno()], cwd=str(ROOT), env=env, stdin=subprocess.DEVNULL)
+    theirs.close()
+    pipe = Connection(ours.detach())
+    pipe.send(spec)
+    return proc, pipe
+
+
+# ---------------------------------------------------------------------------------------------
+# parent side
+
+
+@dataclass
+class LoadSpec:
+    url: str
+    rooms: int = 250
+    clients_per_room: int = 4
+    senders_per_room: int | None = None  # None: every client sends
+    workers: int = field(default_factory=default_workers)
+    room_prefix: str = ""
+    connect_concurrency: int = 64
+    connect_timeout: float = 30.0
+    seed: int | None = None
+
+    @property
+    def clients(self) -> int:
+        return self.rooms * self.clients_per_room
+
+    @property
+    def senders(self) -> int:
+        per = self.clients_per_room if self.senders_per_room is None else min(self.senders_per_room, self.clients_per_room)
+        return self.rooms * per
+
+
+class LoadRunner:
+    """Spawns the worker processes, connects every client, then runs steps on demand.
+
+        async with LoadRunner(spec, server_pid=pid) as runner:
+            result = await runner.step(total_rate=2000, duration=10)
+    """
+
+    def __init__(self, spec: LoadSpec, *, server_pid: int | None = None, server_label: str = "",
+                 progress: bool = True, out=sys.stderr) -> None:
+        self.spec = spec
+        self.server_pid = server_pid
+        self.server_label = server_label
+        self.progress = progress
+        self.out = out
+        self.workers: list[tuple[Any, Any]] = []  # (process, pipe)
+        self.inboxes: list[asyncio.Queue[dict[str, Any]]] = []
+        self.connect_result: dict[str, Any] = {}
+        self.steps = 0
+        self.sampler: ProcSampler | None = None
+        run_id = random.Random(spec.seed).getrandbits(32) if spec.seed is not None else random.getrandbits(32)
+        self.room_prefix = spec.room_prefix or f"bench-{run_id:08x}"
+        self.cid_base = (run_id % 100_000) * 10_000 + 1_000_000_000  # < 2**31, unique per run
+
+    def log(self, text: str) -> None:
+        if self.progress:
+            print(text, file=self.out, flush=True)
+
+    async def __aenter__(self) -> LoadRunner:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        spec = self.spec
+        n_workers = max(1, min(spec.workers, spec.rooms))
+        per_room_senders = spec.clients_per_room if spec.senders_per_room is None else spec.senders_per_room
+        assignments: list[list[tuple[int, str, int, int]]] = [[] for _ in range(n_workers)]
+        for r in range(spec.rooms):
+            assignments[r % n_workers].append((r, f"{self.room_prefix}-{r}", spec.clients_per_room,
+                                               min(per_room_senders, spec.clients_per_room)))
+        loop = asyncio.get_running_loop()
+        index_base = 0
+        host = spec.url.split("//", 1)[-1].split(":", 1)[0].split("/", 1)[0]
+        spread = 64 if host.startswith("127.") else 0
+        for w, rooms in enumerate(assignments):
+            worker_spec = {
+                "url": spec.url, "rooms": rooms, "cid_base": self.cid_base + index_base,
+                "seed": (spec.seed or 0) * 1000 + w if spec.seed is not None else random.getrandbits(32),
+                "index_base": index_base, "local_spread": spread,
+            }
+            index_base += sum(r[2] for r in rooms)
+            proc, parent_end = spawn_worker(worker_spec)
+            inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+            loop.add_reader(parent_end.fileno(), self._reader(parent_end, inbox))
+            self.workers.append((proc, parent_end))
+            self.inboxes.append(inbox)
+        if self.server_pid:
+            self.sampler = ProcSampler(self.server_pid).start()
+        self.log(f"connecting {spec.clients} clients in {spec.rooms} rooms over {n_workers} worker process(es)…")
+        started = time.monotonic()
+        self._broadcast({"cmd": "connect", "concurrency": spec.connect_concurrency, "timeout": spec.connect_timeout})
+        replies = await self._collect("connected", timeout=spec.connect_timeout * 2 + 30)
+        wall = time.monotonic() - started
+        connect = from_bytes(r["connect_s"] for r in replies)
+        sync = from_bytes(r["sync_s"] for r in replies)
+        errors: Counter[str] = Counter()
+        for r in replies:
+            errors.update(r["errors"])
+        self.connect_result = {
+            "clients": spec.clients, "connected": int(connect.size), "synced": int(sync.size),
+            "connect_ms": {k: finite(v) for k, v in percentiles(connect, qs=(50, 95, 99)).items()},
+            "initial_sync_ms": {k: finite(v) for k, v in percentiles(sync, qs=(50, 95, 99)).items()},
+            "errors": dict(errors), "seconds": round(wall, 2),
+            "connections_per_s": round(spec.clients / wall, 1) if wall > 0 else None,
+        }
+        c = self.connect_result
+        self.log(f"  {c['synced']}/{spec.clients} synced in {wall:.1f}s; connect p50 {c['connect_ms']['p50']} ms "
+                 f"p99 {c['connect_ms']['p99']} ms; initial sync p50 {c['initial_sync_ms']['p50']} ms "
+                 f"p99 {c['initial_sync_ms']['p99']} ms" + (f"; errors {dict(errors)}" if errors else ""))
+
+    def _reader(self, pipe, inbox: asyncio.Queue[dict[str, Any]]):
+        def on_readable() -> None:
+            try:
+                inbox.put_nowait(pipe.recv())
+            except (EOFError, OSError):
+                asyncio.get_running_loop().remove_reader(pipe.fileno())
+                inbox.put_nowait({"type": "dead"})
+        return on_readable
+
+    def _broadcast(self, message: dict[str, Any]) -> None:
+        for _proc, pipe in self.workers:
+            pipe.send(message)
+
+    async def _collect(self, kind: str, timeout: float, on_progress=None) -> list[dict[str, Any]]:
+        async def one(inbox: asyncio.Queue[dict[str, Any]]) -> dict[str, Any]:
+            while True:
+                message = await inbox.get()
+                if message.get("type") == kind:
+                    return message
+                if message.get("type") == "dead":
+                    raise RuntimeError("a load worker process died")
+                if message.get("type") == "progress" and on_progress is not None:
+                    on_progress(message)
+
+        return list(await asyncio.wait_for(asyncio.gather(*(one(q) for q in self.inboxes)), timeout))
+
+    async def step(self, total_rate: float, duration: float, drain: float = 3.0, label: str = "") -> dict[str, Any]:
+        """Run one step at ``total_rate`` updates/s (spread evenly over the senders) for ``duration`` s."""
+        spec = self.spec
+        senders = spec.senders
+        rate = total_rate / senders
+        self.steps += 1
+        step_id = self.steps
+        prepared = time.monotonic()
+        self._broadcast({"cmd": "prepare", "rate": rate, "duration": duration})
+        await self._collect("ready", timeout=120)
+        build_s = time.monotonic() - prepared
+        start_at = time.monotonic() + 0.3
+        self._broadcast({"cmd": "go", "start_at": start_at, "duration": duration, "drain": drain, "step": step_id})
+        self.log(f"step {step_id}{' ' + label if label else ''}: {total_rate:,.0f} updates/s "
+                 f"({rate:.3g}/s × {senders} senders) for {duration:g}s (frames prebuilt in {build_s:.1f}s)")
+        per_sec: dict[int, list[dict[str, Any]]] = {}
+        n_workers = len(self.workers)
+
+        def on_progress(message: dict[str, Any]) -> None:
+            bucket = per_sec.setdefault(message["sec"], [])
+            bucket.append(message)
+            if len(bucket) == n_workers:
+                sent = sum(m["sent"] for m in bucket)
+                frames = sum(m["frames"] for m in bucket)
+                p50s = [m["p50"] for m in bucket if m["p50"] is not None]
+                p99s = [m["p99"] for m in bucket if m["p99"] is not None]
+                outstanding = sum(m["outstanding"] for m in bucket)
+                srv = ""
+                if self.sampler is not None and (latest := self.sampler.latest()):
+                    srv = f"  server cpu {latest[0]:5.1f}% rss {latest[1]:6.1f} MiB"
+                lat = (f"p50 {max(p50s):7.2f} ms  p99 {max(p99s):7.2f} ms" if p99s else "no deliveries")
+                self.log(f"  t={message['sec'] + 1:3d}s  in {sent:7,d}/s  out {frames:8,d}/s  {lat}  "
+                         f"outstanding {outstanding:,}{srv}")
+
+        replies = await self._collect("result", timeout=duration + drain + 120, on_progress=on_progress)
+        end = start_at + duration
+        return self._merge(step_id, label, total_rate, rate, duration, start_at, end, replies)
+
+    def _merge(self, step_id: int, label: str, total_rate: float, rate: float, duration: float,
+               start: float, end: float, replies: list[dict[str, Any]]) -> dict[str, Any]:
+        spec = self.spec
+        seconds = max(len(r["lat_by_sec"]) for r in replies)
+        lat_secs = [from_bytes(r["lat_by_sec"][s] for r in replies if s < len(r["lat_by_sec"])) for s in range(seconds)]
+        import numpy as np
+
+        all_lat = np.concatenate(lat_secs) if lat_secs else np.zeros(0)
+        expected = sum(r["expected"] for r in replies)
+        received = sum(r["received"] for r in replies)
+        undelivered = max(0, expected - received)
+        lat = percentiles(all_lat, missing=undelivered, qs=(50, 95, 99))
+        sent = sum(r["sent"] for r in replies)
+        frames_window = sum(sum(r["frames_by_sec"][: int(duration)]) for r in replies)
+        closes: Counter[str] = Counter()
+        for r in replies:
+            closes.update(r["closes"])
+        skipped = sum(r["skipped"] for r in replies)
+        cpu = [r["cpu_s"] / r["wall_s"] for r in replies if r["wall_s"] > 0]
+        slip_p99 = max(r["slip_p99_ms"] for r in replies)
+        lag_p99 = max(r["lag_p99_ms"] for r in replies)
+        reasons = []
+        if slip_p99 > SLIP_LIMIT_MS:
+            reasons.append(f"send slip p99 {slip_p99:.1f} ms > {SLIP_LIMIT_MS:g} ms")
+        if lag_p99 > LAG_LIMIT_MS:
+            reasons.append(f"event-loop lag p99 {lag_p99:.1f} ms > {LAG_LIMIT_MS:g} ms")
+        if cpu and max(cpu) >= CPU_LIMIT:
+            reasons.append(f"worker CPU {max(cpu) * 100:.0f}% of a core")
+        server = self.sampler.window(start, end) if self.sampler else {"cpu_pct": None, "cpu_pct_max": None, "rss_mb": None}
+        timeline = []
+        for s in range(int(math.ceil(duration))):
+            arr = lat_secs[s] if s < len(lat_secs) else np.zeros(0)
+            p = percentiles(arr, qs=(50, 99))
+            srv = self.sampler.window(start + s, start + s + 1) if self.sampler else {}
+            timeline.append({
+                "t": s + 1,
+                "in": sum(r["sent_by_sec"][s] for r in replies if s < len(r["sent_by_sec"])),
+                "out": sum(r["frames_by_sec"][s] for r in replies if s < len(r["frames_by_sec"])),
+                "p50_ms": finite(p["p50"]), "p99_ms": finite(p["p99"]),
+                "server_cpu_pct": srv.get("cpu_pct"), "server_rss_mb": srv.get("rss_mb"),
+            })
+        result = {
+            "kind": "load-step", "label": label, "server": self.server_label, "url": spec.url, "step": step_id,
+            "rooms": spec.rooms, "clients": spec.clients, "senders": spec.senders,
+            "target_updates_per_s": round(total_rate, 1), "rate_per_sender": round(rate, 4),
+            "duration_s": duration, "updates_sent": sent,
+            "updates_in_per_s": round(sent / duration, 1),
+            "frames_out_per_s": round(frames_window / max(1, int(duration)), 1),
+            "deliveries_expected": expected, "deliveries": received, "undelivered": undelivered,
+            "echoes": sum(r["echo"] for r in replies), "unmatched": sum(r["unmatched"] for r in replies),
+            "latency_ms": {k: finite(v) for k, v in lat.items()},
+            "latency_lost": undelivered > 0,
+            "errors": {"closes": dict(closes), "skipped_sends": skipped},
+            "server_process": server,
+            "client": {
+                "workers": len(replies),
+                "cpu_pct_per_worker": [round(c * 100, 1) for c in cpu],
+                "send_slip_p99_ms": round(slip_p99, 2), "send_slip_max_ms": round(max(r["slip_max_ms"] for r in replies), 2),
+                "loop_lag_p99_ms": round(lag_p99, 2), "loop_lag_max_ms": round(max(r["lag_max_ms"] for r in replies), 2),
+                "write_buffer_max_bytes": max(r["write_buffer_max"] for r in replies),
+                "saturated": bool(reasons), "saturation_reasons": reasons,
+            },
+            "timeline": timeline,
+        }
+        p = result["latency_ms"]
+        self.log(f"  => in {result['updates_in_per_s']:,.0f}/s out {result['frames_out_per_s']:,.0f}/s  "
+                 f"p50 {p['p50']} p95 {p['p95']} p99 {p['p99']} max {p['max']} ms"
+                 + (f"  UNDELIVERED {undelivered}" if undelivered else "")
+                 + (f"  closes {dict(closes)}" if closes else "")
+                 + (f"  server cpu {server['cpu_pct']}% rss {server['rss_mb']} MiB" if server["cpu_pct"] is not None else "")
+                 + ("  [client saturated: " + "; ".join(reasons) + "]" if reasons else ""))
+        return result
+
+    async def close(self) -> None:
+        if not self.workers:
+            return
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(Exception):
+            self._broadcast({"cmd": "close"})
+            await self._collect("closed", timeout=30)
+        for proc, pipe in self.workers:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(pipe.fileno())
+            try:
+                await asyncio.wait_for(asyncio.to_thread(proc.wait), 10)
+            except TimeoutError:
+                proc.kill()
+                await asyncio.to_thread(proc.wait)
+            pipe.close()
+        self.workers = []
+        if self.sampler is not None:
+            await self.sampler.stop()
+
+
+def step_passes(result: dict[str, Any], p99_limit_ms: float = 50.0, min_achieved: float = 0.95) -> tuple[bool, str]:
+    """Whether a step was sustained: p99 within the limit, nothing lost, no closes, rate achieved."""
+    p99 = result["latency_ms"]["p99"]
+    if result["undelivered"]:
+        return False, f"{result['undelivered']} deliveries missing"
+    if result["errors"]["closes"]:
+        return False, f"connections closed {result['errors']['closes']}"
+    if result["errors"]["skipped_sends"]:
+        return False, f"{result['errors']['skipped_sends']} sends skipped (server not reading)"
+    if p99 is None or p99 > p99_limit_ms:
+        return False, f"p99 {p99} ms > {p99_limit_ms:g} ms"
+    if result["updates_in_per_s"] < min_achieved * result["target_updates_per_s"]:
+        return False, "target rate not achieved"
+    return True, "ok"
+
+
+async def search_sustainable(runner: LoadRunner, *, start_rate: float, factor: float = 1.5,
+                             max_rate: float = 1e6, step_duration: float = 6.0, drain: float = 3.0,
+                             p99_limit_ms: float = 50.0, refine: bool = True, pause: float = 1.0,
+                             max_steps: int = 14) -> dict[str, Any]:
+    """Step the offered rate up by ``factor`` until a step fails (p99 > limit, loss, closes), then try
+    once between the last good and the first bad rate. Returns the steps and the verdict."""
+    steps: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    failed_rate: float | None = None
+    client_limited = False
+    rate = start_rate
+    for _ in range(max_steps):
+        result = await runner.step(rate, step_duration, drain=drain, label="search")
+        ok, why = step_passes(result, p99_limit_ms)
+        result["passed"] = ok
+        result["verdict"] = why
+        steps.append(result)
+        if result["client"]["saturated"] and ok:
+            client_limited = True
+            best = result
+            break
+        if not ok:
+            failed_rate = rate
+            break
+        best = result
+        if rate * factor > max_rate:
+            break
+        rate *= factor
+        await asyncio.sleep(pause)
+    if refine and best is not None and failed_rate is not None and not client_limited:
+        await asyncio.sleep(pause)
+        mid = math.sqrt(best["target_updates_per_s"] * failed_rate)
+        result = await runner.step(mid, step_duration, drain=drain, label="refine")
+        ok, why = step_passes(result, p99_limit_ms)
+        result["passed"] = ok
+        result["verdict"] = why
+        steps.append(result)
+        if ok and not result["client"]["saturated"]:
+            best = result
+    return {
+        "kind": "load-search", "server": runner.server_label, "clients": runner.spec.clients,
+        "p99_limit_ms": p99_limit_ms,
+        "sustainable_updates_per_s": best["updates_in_per_s"] if best else 0.0,
+        "sustainable_p99_ms": best["latency_ms"]["p99"] if best else None,
+        "sustainable_frames_out_per_s": best["frames_out_per_s"] if best else 0.0,
+        "first_failing_rate": failed_rate,
+        "client_limited": client_limited,
+        "steps": [_step_summary(s) for s in steps],
+        "_full_steps": steps,
+    }
+
+
+def _step_summary(s: dict[str, Any]) -> dict[str, Any]:
+    return {k: s[k] for k in ("step", "label", "target_updates_per_s", "updates_in_per_s", "frames_out_per_s",
+                              "latency_ms", "undelivered", "errors", "server_process", "passed", "verdict")} | {
+        "client_saturated": s["client"]["saturated"], "client_cpu_pct": s["client"]["cpu_pct_per_worker"],
+        "send_slip_p99_ms": s["client"]["send_slip_p99_ms"]}
+
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker-fd":
+        _worker_entry(int(sys.argv[2]))
+    else:
+        sys.exit("usage: collab bench load … (this module's own entry point is for worker processes)")

@@ -1,0 +1,228 @@
+"""Group commit, shared by the backends: the append queue, its flusher task, backpressure, close.
+
+A backend subclasses ``GroupCommitStore`` and supplies ``_open_backend`` / ``_close_backend`` and
+``_write_batch`` (write a batch in ONE transaction and return its ids in batch order, or raise).
+
+* ``append`` queues (row, future) and wakes the flusher; the flusher writes everything queued (up to
+  MAX_BATCH_*) in one transaction and resolves the futures after COMMIT. Appends that arrive
+  meanwhile form the next batch. No timer: a lone append pays one commit, a crowd shares one.
+* Backpressure: appends wait (before queueing) while ``max_pending`` updates or ``max_pending_bytes``
+  are queued or being written, so a slow database slows producers instead of growing memory.
+* A batch whose transaction fails fails every append in it with StoreError (cause chained); the
+  flusher carries on with the next batch, the backend reconnecting as needed. If the flusher itself
+  ever stops, everything waiting fails and ``ping`` reports it.
+* ``close`` refuses new appends, lets the flusher drain the queue, then closes the backend.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+from .base import Store, StoreClosed, StoreError, check_append_args
+
+log = logging.getLogger(__name__)
+
+# One transaction holds at most this many updates / bytes, so a backlog is written in bounded steps
+# and a single commit never needs an unbounded amount of memory or WAL.
+MAX_BATCH_UPDATES = 1000
+MAX_BATCH_BYTES = 16 * 1024 * 1024
+# Backpressure defaults (see above).
+DEFAULT_MAX_PENDING = 10_000
+DEFAULT_MAX_PENDING_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class Pending:
+    room: str
+    data: bytes
+    author: str | None
+    ts: float
+    future: asyncio.Future[int]
+
+
+class GroupCommitStore(Store):
+    def __init__(self, *, max_pending: int, max_pending_bytes: int) -> None:
+        if max_pending < 1 or max_pending_bytes < 1:
+            raise ValueError("max_pending and max_pending_bytes must be >= 1")
+        self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
+        # Counters for tests and metrics: write transactions of appends, and updates they held.
+        self.commits = 0
+        self.appended = 0
+
+        self._state: Literal["new", "open", "closing", "closed"] = "new"
+        self._closed = asyncio.Event()
+        self._pending: deque[Pending] = deque()
+        self._wakeup = asyncio.Event()
+        self._progress = asyncio.Event()  # replaced and set after every batch (a pulse)
+        self._enqueued = 0  # appends queued so far
+        self._resolved = 0  # appends committed or failed so far (in queue order)
+        self._outstanding_bytes = 0
+        self._flusher: asyncio.Task[None] | None = None
+
+    # -- what a backend provides -----------------------------------------------------------
+
+    @abc.abstractmethod
+    async def _open_backend(self) -> None:
+        """Connect and migrate; raise StoreError (cause chained) on failure, leaving nothing open."""
+
+    @abc.abstractmethod
+    async def _close_backend(self) -> None:
+        """Release every connection. Called once, after the flusher drained. Never raises."""
+
+    @abc.abstractmethod
+    async def _write_batch(self, batch: list[Pending]) -> list[int]:
+        """Insert the batch in one transaction; the ids, in batch order, after COMMIT."""
+
+    def _write_failed(self, exc: BaseException) -> None:  # noqa: B027 - optional hook
+        """A batch failed with ``exc``: e.g. mark the connection for a health check."""
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._state != "new":
+            raise StoreError(f"{self!r} cannot be opened again")
+        await self._open_backend()
+        self._state = "open"
+        self._flusher = asyncio.create_task(self._flush_forever(), name=f"flusher {self!r}")
+
+    async def close(self) -> None:
+        if self._state == "new":
+            self._state = "closed"
+            self._closed.set()
+        if self._state in ("closing", "closed"):
+            await self._closed.wait()
+            return
+        self._state = "closing"
+        self._wakeup.set()
+        self._pulse()  # appends waiting for room give up
+        try:
+            if self._flusher is not None:
+                await asyncio.wait([self._flusher])  # drains the queue, then returns
+        finally:
+            try:
+                await self._close_backend()
+            finally:
+                self._state = "closed"
+                self._closed.set()
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise StoreClosed(f"{self!r} is not open")
+        if self._flusher is not None and self._flusher.done():
+            raise StoreError("the store's writer stopped")
+
+    def _check_flusher(self) -> None:
+        if self._flusher is None or self._flusher.done():
+            raise StoreError("the store's writer stopped")
+
+    # -- appends and the flusher -------------------------------------------------------------
+
+    async def append(
+        self, room: str, update: bytes, *, author: str | None = None, ts: float | None = None
+    ) -> int:
+        check_append_args(room, update, author)
+        stamp = time.time() if ts is None else float(ts)
+        self._check_open()
+        while not self._has_room_for(len(update)):
+            await self._progress.wait()
+            self._check_open()
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pending.append(Pending(room, update, author, stamp, future))
+        self._enqueued += 1
+        self._outstanding_bytes += len(update)
+        self._wakeup.set()
+        return await future
+
+    async def flush(self) -> None:
+        target = self._enqueued
+        while self._resolved < target:
+            await self._progress.wait()
+
+    def _has_room_for(self, size: int) -> bool:
+        outstanding = self._enqueued - self._resolved
+        if outstanding == 0:
+            return True  # an oversized update alone still goes through
+        return (
+            outstanding < self.max_pending
+            and self._outstanding_bytes + size <= self.max_pending_bytes
+        )
+
+    def _pulse(self) -> None:
+        progress, self._progress = self._progress, asyncio.Event()
+        progress.set()
+
+    async def _flush_forever(self) -> None:
+        try:
+            while True:
+                if not self._pending:
+                    if self._state != "open":
+                        return  # closing and drained
+                    await self._wakeup.wait()
+                    self._wakeup.clear()
+                    continue
+                await self._commit(self._take_batch())
+        except asyncio.CancelledError:
+            log.warning("flusher of %r cancelled before close()", self)
+            raise
+        except BaseException:
+            log.exception("flusher of %r stopped", self)
+            raise
+        finally:
+            # Whatever the reason we stop, nobody may wait forever for a commit.
+            leftover = list(self._pending)
+            self._pending.clear()
+            self._fail(leftover, lambda: StoreClosed("the store's writer stopped"))
+
+    def _take_batch(self) -> list[Pending]:
+        batch: list[Pending] = []
+        size = 0
+        while self._pending and len(batch) < MAX_BATCH_UPDATES:
+            item = self._pending[0]
+            if batch and size + len(item.data) > MAX_BATCH_BYTES:
+                break
+            batch.append(self._pending.popleft())
+            size += len(item.data)
+        return batch
+
+    async def _commit(self, batch: list[Pending]) -> None:
+        try:
+            ids = await self._write_batch(batch)
+            if len(ids) != len(batch):
+                raise StoreError(f"stored {len(ids)} rows of {len(batch)}")
+        except Exception as exc:
+            self._write_failed(exc)
+            log.warning("commit of %d updates failed: %r", len(batch), exc)
+            self._fail(batch, lambda: chained(StoreError(f"commit failed: {exc}"), exc))
+            return
+        except BaseException as exc:  # cancelled: the store is being torn down
+            self._fail(batch, lambda: chained(StoreClosed("the store's writer stopped"), exc))
+            raise
+        self.commits += 1
+        self.appended += len(batch)
+        for pending, update_id in zip(batch, ids):
+            if not pending.future.done():  # its appender may have been cancelled
+                pending.future.set_result(update_id)
+        self._resolved_batch(batch)
+
+    def _fail(self, batch: list[Pending], error: Callable[[], StoreError]) -> None:
+        for pending in batch:
+            if not pending.future.done():
+                pending.future.set_exception(error())  # one instance each: tracebacks differ
+        self._resolved_batch(batch)
+
+    def _resolved_batch(self, batch: list[Pending]) -> None:
+        self._outstanding_bytes -= sum(len(p.data) for p in batch)
+        self._resolved += len(batch)
+        self._pulse()
+
+
+def chained(error: StoreError, cause: BaseException) -> StoreError:
+    error.__cause__ = cause
+    return error
