@@ -148,6 +148,7 @@ class LoadWorker:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         loop.add_reader(self.pipe.fileno(), self._on_pipe)
+        os.set_blocking(self.pipe.fileno(), True)  # uvloop made it non-blocking; sends must not fail
         try:
             while True:
                 message = await self.inbox.get()
@@ -345,14 +346,15 @@ class LoadWorker:
         duration: float = message["duration"]
         drain: float = message["drain"]
         st = _StepStats(message["step"], start, duration, drain)
+        warmup = float(message.get("warmup", 0.0))
         delay = start - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
         self.step = st
-        lag_task = asyncio.create_task(self._lag_probe(st, start + duration))
+        lag_task = asyncio.create_task(self._lag_probe(st, start + duration, start + warmup))
         progress_task = asyncio.create_task(self._progress(st, start + duration + drain))
         try:
-            await self._send_schedule(st, times, senders, frames)
+            await self._send_schedule(st, times, senders, frames, warmup)
             # drain: wait for outstanding deliveries of this step
             deadline = start + duration + drain
             while st.received < st.expected and time.monotonic() < deadline:
@@ -392,7 +394,7 @@ class LoadWorker:
         }
 
     async def _send_schedule(self, st: _StepStats, times: array, senders: list[_Client],
-                             frames: list[tuple[bytes, tuple[int, int]]]) -> None:
+                             frames: list[tuple[bytes, tuple[int, int]]], warmup: float) -> None:
         start = st.start
         rooms = self.rooms
         pending = self.pending
@@ -432,19 +434,21 @@ class LoadWorker:
                     sent_by_sec[sec] += 1
                 else:
                     sent_by_sec[int(times[j])] += 1
-                slips.append(sent_at - start - times[j])
+                if times[j] >= warmup:
+                    slips.append(sent_at - start - times[j])
                 st.sent += 1
                 j += 1
             if j < n:
                 wait = times[j] - (monotonic() - start)
                 await asyncio.sleep(wait if wait > 0.0005 else 0)
 
-    async def _lag_probe(self, st: _StepStats, until: float) -> None:
+    async def _lag_probe(self, st: _StepStats, until: float, after: float) -> None:
         interval = 0.005
         while time.monotonic() < until:
             t0 = time.monotonic()
             await asyncio.sleep(interval)
-            st.lags.append(max(0.0, time.monotonic() - t0 - interval))
+            if t0 >= after:
+                st.lags.append(max(0.0, time.monotonic() - t0 - interval))
 
     async def _progress(self, st: _StepStats, until: float) -> None:
         sec = 0
@@ -591,6 +595,7 @@ class LoadRunner:
             proc, parent_end = spawn_worker(worker_spec)
             inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
             loop.add_reader(parent_end.fileno(), self._reader(parent_end, inbox))
+            os.set_blocking(parent_end.fileno(), True)
             self.workers.append((proc, parent_end))
             self.inboxes.append(inbox)
         if self.server_pid:
@@ -643,8 +648,12 @@ class LoadRunner:
 
         return list(await asyncio.wait_for(asyncio.gather(*(one(q) for q in self.inboxes)), timeout))
 
-    async def step(self, total_rate: float, duration: float, drain: float = 3.0, label: str = "") -> dict[str, Any]:
-        """Run one step at ``total_rate`` updates/s (spread evenly over the senders) for ``duration`` s."""
+    async def step(self, total_rate: float, duration: float, drain: float = 3.0, label: str = "",
+                   warmup: float = 1.0) -> dict[str, Any]:
+        """Run one step at ``total_rate`` updates/s (spread evenly over the senders) for ``duration`` s.
+
+        The first ``warmup`` seconds are sent but left out of the latency, slip and lag figures (the
+        timeline keeps them): a rate change makes every server allocate, and Node JIT-compiles."""
         spec = self.spec
         senders = spec.senders
         rate = total_rate / senders
@@ -655,7 +664,8 @@ class LoadRunner:
         await self._collect("ready", timeout=120)
         build_s = time.monotonic() - prepared
         start_at = time.monotonic() + 0.3
-        self._broadcast({"cmd": "go", "start_at": start_at, "duration": duration, "drain": drain, "step": step_id})
+        self._broadcast({"cmd": "go", "start_at": start_at, "duration": duration, "drain": drain, "step": step_id,
+                         "warmup": warmup})
         self.log(f"step {step_id}{' ' + label if label else ''}: {total_rate:,.0f} updates/s "
                  f"({rate:.3g}/s × {senders} senders) for {duration:g}s (frames prebuilt in {build_s:.1f}s)")
         per_sec: dict[int, list[dict[str, Any]]] = {}
@@ -679,21 +689,24 @@ class LoadRunner:
 
         replies = await self._collect("result", timeout=duration + drain + 120, on_progress=on_progress)
         end = start_at + duration
-        return self._merge(step_id, label, total_rate, rate, duration, start_at, end, replies)
+        return self._merge(step_id, label, total_rate, rate, duration, start_at, end, replies, warmup)
 
     def _merge(self, step_id: int, label: str, total_rate: float, rate: float, duration: float,
-               start: float, end: float, replies: list[dict[str, Any]]) -> dict[str, Any]:
+               start: float, end: float, replies: list[dict[str, Any]], warmup: float) -> dict[str, Any]:
         spec = self.spec
         seconds = max(len(r["lat_by_sec"]) for r in replies)
         lat_secs = [from_bytes(r["lat_by_sec"][s] for r in replies if s < len(r["lat_by_sec"])) for s in range(seconds)]
         import numpy as np
 
-        all_lat = np.concatenate(lat_secs) if lat_secs else np.zeros(0)
+        skip = int(warmup)
+        measured = lat_secs[skip:] if len(lat_secs) > skip else []
+        all_lat = np.concatenate(measured) if measured else np.zeros(0)
         expected = sum(r["expected"] for r in replies)
         received = sum(r["received"] for r in replies)
         undelivered = max(0, expected - received)
         lat = percentiles(all_lat, missing=undelivered, qs=(50, 95, 99))
         sent = sum(r["sent"] for r in replies)
+        measured_sent = sum(sum(r["sent_by_sec"][skip:int(math.ceil(duration))]) for r in replies)
         frames_window = sum(sum(r["frames_by_sec"][: int(duration)]) for r in replies)
         closes: Counter[str] = Counter()
         for r in replies:
@@ -726,7 +739,7 @@ class LoadRunner:
             "kind": "load-step", "label": label, "server": self.server_label, "url": spec.url, "step": step_id,
             "rooms": spec.rooms, "clients": spec.clients, "senders": spec.senders,
             "target_updates_per_s": round(total_rate, 1), "rate_per_sender": round(rate, 4),
-            "duration_s": duration, "updates_sent": sent,
+            "duration_s": duration, "warmup_s": skip, "updates_sent": sent, "updates_measured": measured_sent,
             "updates_in_per_s": round(sent / duration, 1),
             "frames_out_per_s": round(frames_window / max(1, int(duration)), 1),
             "deliveries_expected": expected, "deliveries": received, "undelivered": undelivered,

@@ -71,7 +71,7 @@ class RawConnection(asyncio.Protocol):
     __slots__ = ("host", "path", "on_message", "on_close", "transport", "opened", "closed",
                  "close_code", "close_reason", "frames_in", "bytes_in", "text_frames", "_buf",
                  "_handshake", "_key", "_fragments", "_closing", "tag", "connect_started",
-                 "connected_at")
+                 "connected_at", "_writable")
 
     def __init__(self, host: str, path: str, on_message: Callable[[RawConnection, bytes], None] | None = None,
                  on_close: Callable[[RawConnection], None] | None = None, tag: object = None) -> None:
@@ -96,6 +96,7 @@ class RawConnection(asyncio.Protocol):
         self._closing = False
         self.connect_started = time.perf_counter()
         self.connected_at = 0.0
+        self._writable: asyncio.Event | None = None
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
 
@@ -223,7 +224,23 @@ class RawConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def pause_writing(self) -> None:
+        if self._writable is None:
+            self._writable = asyncio.Event()
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        if self._writable is not None:
+            self._writable.set()
+
+    async def drain(self) -> None:
+        """Wait until the transport's write buffer is below its high-water mark (or gone)."""
+        if self._writable is not None and not self._writable.is_set() and self.transport is not None:
+            await self._writable.wait()
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._writable is not None:
+            self._writable.set()
         if self.close_code is None:
             self.close_code = ABNORMAL
             self.close_reason = str(exc) if exc else "connection lost without a close frame"

@@ -78,6 +78,8 @@ def create_app(settings: Settings, *, store: Store | None = None, network: Local
             log.info("stopped")
 
     async def healthz(_request: Request) -> Response:
+        if not hub.running:
+            return JSONResponse({"status": "hub stopped"}, status_code=503)
         return JSONResponse({"status": "ok", "uptime_seconds": round(time.time() - started, 1)})
 
     async def readyz(_request: Request) -> Response:

@@ -28,7 +28,7 @@ from collab.bus import Bus, BusMessage
 from collab.connection import Connection
 from collab.logs import get_logger
 from collab.metrics import Metrics
-from collab.room import Room, pack_awareness
+from collab.room import EMPTY_UPDATE, Room, pack_awareness
 from collab.services import Service
 from collab.settings import Settings
 from storage import Store
@@ -37,7 +37,6 @@ from storage import Store
 # Control messages a bus synthesizes for the hub (never sent by clients).
 CONTROL_NODE_DOWN = "_node-down"  # payload: the dead node's id
 CONTROL_RESYNC = "_resync"  # room "" = every loaded room (e.g. after a bus reconnect)
-EMPTY_UPDATE = b"\x00\x00"
 
 
 class RoomUnavailable(Exception):
@@ -58,7 +57,7 @@ class Hub:
         self.bus = bus_factory(self.deliver)
         self.rooms: dict[str, Room] = {}
         self.connections: set[Connection] = set()
-        self._loading: dict[str, asyncio.Task[Room]] = {}
+        self._loading: dict[str, asyncio.Future[Room]] = {}
         self._early: dict[str, list[BusMessage]] = {}
         self._room_tasks: dict[str, asyncio.Task[None]] = {}
         self._tg: asyncio.TaskGroup | None = None
@@ -67,9 +66,24 @@ class Hub:
 
     # -- lifetime ------------------------------------------------------------------------------
 
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        assert self._tg is not None, "hub not started"
-        return self._tg.create_task(coro)
+    def spawn(self, coro: Coroutine[Any, Any, Any], what: str = "task") -> asyncio.Task[Any]:
+        """Start a task owned by the hub's task group. Its failure is logged and contained:
+        one room's trouble never cancels the group (and with it every other room)."""
+        if self._tg is None:
+            coro.close()
+            raise RuntimeError("hub not running")
+        return self._tg.create_task(self._guard(coro, what))
+
+    async def _guard(self, coro: Coroutine[Any, Any, Any], what: str) -> Any:
+        try:
+            return await coro
+        except Exception:
+            self.log.exception("background task failed", task=what)
+            return None
+
+    @property
+    def running(self) -> bool:
+        return self._tg is not None
 
     async def run(self, ready: asyncio.Event) -> None:
         """Run until cancelled; the task group owns every room writer and the janitor."""
@@ -95,8 +109,8 @@ class Hub:
             await room.wait_idle()
         for service in self.services:
             await service.stop()
-        for task in list(self._loading.values()):
-            task.cancel()
+        for future in list(self._loading.values()):
+            future.cancel()
         await self.bus.stop()
 
     # -- rooms ---------------------------------------------------------------------------------
@@ -105,19 +119,36 @@ class Hub:
         room = self.rooms.get(name)
         if room is not None and not room.poisoned:
             return room
-        task = self._loading.get(name)
-        if task is None:
-            task = self.spawn(self._load(name))
-            self._loading[name] = task
-            task.add_done_callback(lambda _t, n=name: self._loading.pop(n, None))
+        future = self._loading.get(name)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            self._loading[name] = future
+            self.spawn(self._load_into(name, future), what="room load")
         try:
-            return await asyncio.shield(task)
-        except RoomUnavailable:
-            raise
+            return await asyncio.shield(future)
         except asyncio.CancelledError:
-            if task.cancelled():
+            if future.cancelled():
                 raise RoomUnavailable("room load cancelled") from None
             raise
+
+    async def _load_into(self, name: str, future: asyncio.Future[Room]) -> None:
+        """Single flight: every joiner awaits ``future``; a failure reaches them, not the group."""
+        try:
+            room = await self._load(name)
+        except BaseException as exc:
+            if not future.done():
+                if isinstance(exc, asyncio.CancelledError):
+                    future.cancel()
+                else:
+                    future.set_exception(exc)
+                    future.exception()  # retrieved: joiners may all have gone away meanwhile
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        else:
+            if not future.done():
+                future.set_result(room)
+        finally:
+            self._loading.pop(name, None)
 
     async def _load(self, name: str) -> Room:
         started = time.perf_counter()
@@ -146,7 +177,7 @@ class Hub:
                     max_client_ids=s.max_client_ids, on_poisoned=self._unload_poisoned, spawn=self.spawn,
                     services=self.services)
         self.rooms[name] = room
-        self._room_tasks[name] = self.spawn(room.run())
+        self._room_tasks[name] = self.spawn(self._run_room(room), what="room writer")
         self.metrics.rooms_loaded.set(len(self.rooms))
         for message in self._early.pop(name, []):
             self._deliver_to(room, message)
@@ -154,6 +185,14 @@ class Hub:
         self.metrics.room_load_seconds.observe(time.perf_counter() - started)
         self.log.debug("room loaded", room=name, tail=len(state.updates), seconds=round(time.perf_counter() - started, 4))
         return room
+
+    async def _run_room(self, room: Room) -> None:
+        try:
+            await room.run()
+        except Exception:
+            self.log.exception("room writer failed; closing its members", room=room.name)
+            room.fail()
+            raise
 
     def _unload_poisoned(self, room: Room) -> None:
         self._forget(room)
@@ -165,7 +204,7 @@ class Hub:
         if task is not None and task is not asyncio.current_task():
             task.cancel()
         self.metrics.rooms_loaded.set(len(self.rooms))
-        self.spawn(self._after_unload(room))
+        self.spawn(self._after_unload(room), what="unload")
 
     async def _after_unload(self, room: Room) -> None:
         if room.name not in self.rooms and room.name not in self._loading:

@@ -59,6 +59,9 @@ class Origin(enum.Enum):
     SERVER = "server"  # the server itself: undo, REST, seeding
 
 
+EMPTY_UPDATE = b"\x00\x00"  # no structs, empty delete set
+
+
 @dataclass(frozen=True, slots=True)
 class Effects:
     persist: bool
@@ -159,6 +162,8 @@ class Room:
 
     async def handle(self, conn: Connection, message: Message) -> None:
         if isinstance(message, SyncUpdate | SyncStep2):
+            if message.update == EMPTY_UPDATE:
+                return  # every client's answer to our step 1 when it has nothing new: not a change
             if not conn.identity.can_edit:
                 self.metrics.updates_rejected.inc()
                 if not conn.told_read_only:
@@ -300,6 +305,10 @@ class Room:
         if relayed:
             self.metrics.updates_relayed.inc(relayed)
 
+    def fail(self) -> None:
+        """The writer died unexpectedly: same recovery as a storage failure."""
+        self._poison(self._queue)
+
     def _poison(self, batch: list[_Pending]) -> None:
         self.poisoned = True
         for item in batch:
@@ -318,7 +327,7 @@ class Room:
         if self.compaction is not None and not self.compaction.done():
             return
         if self.tail_updates >= self.compact_after_updates or self.tail_bytes >= self.compact_after_bytes:
-            self.compaction = self._spawn(self._compact())
+            self.compaction = self._spawn(self._compact())  # owned by the hub's task group
 
     async def _compact(self) -> None:
         counted_updates, counted_bytes = self.tail_updates, self.tail_bytes

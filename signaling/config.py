@@ -9,6 +9,7 @@ field                              default what it bounds
 =================================  ======  ==============================================================
 ``signaling_max_topics``           64      topics one connection may be subscribed to at once; past it the
                                            extra topic gets ``{"type":"error","topic":T,"message":"too many topics"}``
+                                           (a subscribe frame listing more than this is a bad frame)
 ``signaling_max_message_bytes``    65536   size of one signaling frame (UTF-8 bytes); past it: close 4413
 ``signaling_rate``                 50.0    frames per second per connection, sustained (token bucket)
 ``signaling_burst``                200     frames a connection may send in a burst (a joiner trickling ICE
@@ -16,6 +17,7 @@ field                              default what it bounds
 ``signaling_max_bad_frames``       10      non-JSON / wrongly shaped frames per connection, each answered
                                            with an error; one more closes with 4400
 ``signaling_outbox_frames``        1024    frames queued to one slow reader before close 1013
+``signaling_outbox_bytes``         4 MiB   characters queued to one slow reader before close 1013
 ``signaling_max_connections``      10000   signaling sockets per node (refused with 1013 past it)
 ``stun_urls``                      ""      comma-separated ``stun:`` URLs handed out by /api/rtc/config
 ``turn_urls``                      ""      comma-separated ``turn:``/``turns:`` URLs
@@ -59,6 +61,7 @@ class SignalingSettings:
     burst: int = 200
     max_bad_frames: int = 10
     outbox_frames: int = 1024
+    outbox_bytes: int = 4 * 1024 * 1024
     max_connections: int = 10_000
     stun_urls: tuple[str, ...] = ()
     turn_urls: tuple[str, ...] = ()
@@ -82,6 +85,7 @@ class SignalingSettings:
             burst=int(get("signaling_burst", d.burst)),
             max_bad_frames=int(get("signaling_max_bad_frames", d.max_bad_frames)),
             outbox_frames=int(get("signaling_outbox_frames", d.outbox_frames)),
+            outbox_bytes=int(get("signaling_outbox_bytes", d.outbox_bytes)),
             max_connections=int(get("signaling_max_connections", get("max_connections", d.max_connections))),
             stun_urls=_urls(get("stun_urls", ())),
             turn_urls=_urls(get("turn_urls", ())),
@@ -92,7 +96,7 @@ class SignalingSettings:
         return result.validate()
 
     def validate(self) -> SignalingSettings:
-        for name in ("max_topics", "max_message_bytes", "burst", "max_bad_frames", "outbox_frames",
+        for name in ("max_topics", "max_message_bytes", "burst", "max_bad_frames", "outbox_frames", "outbox_bytes",
                      "max_connections", "turn_ttl"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"signaling setting {name} must be positive")

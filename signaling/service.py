@@ -46,7 +46,7 @@ from prometheus_client import Counter, Gauge
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
-from starlette.websockets import WebSocket
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from collab import closecodes
 from collab.auth import AccessDenied, Identity, dev_identity, verify_token
@@ -159,6 +159,8 @@ class Peer:
         self.bad_frames = 0
         self.dropped = 0  # frames dropped in the current rate-limit episode
         self.max_outbox = cfg.outbox_frames
+        self.max_outbox_bytes = cfg.outbox_bytes
+        self.outbox_bytes = 0
         self.outbox: deque[str] = deque()
         self.wakeup = asyncio.Event()
         self.close_code: int | None = None
@@ -172,11 +174,13 @@ class Peer:
     def send(self, text: str) -> None:
         if self.closing:
             return
-        if len(self.outbox) >= self.max_outbox:
+        if len(self.outbox) >= self.max_outbox or self.outbox_bytes + len(text) > self.max_outbox_bytes:
             self.outbox.clear()
+            self.outbox_bytes = 0
             self.close(closecodes.TRY_AGAIN_LATER, "slow consumer")
             return
         self.outbox.append(text)
+        self.outbox_bytes += len(text)
         self.wakeup.set()
 
     def error(self, message: str, topic: str | None = None) -> None:
@@ -291,7 +295,7 @@ class SignalingService(Service):
             identity = identify(self.cfg.secret, token, ws.query_params.get("name"))
         except AccessDenied as denied:
             refusal = (denied.code, denied.reason)
-        if refusal is None and not self._accepting:
+        if refusal is None and (not self._accepting or (self.hub is not None and not self.hub.accepting)):
             refusal = (closecodes.SERVER_RESTART, "server draining")
         if refusal is None and len(self.peers) >= self.cfg.max_connections:
             refusal = (closecodes.TRY_AGAIN_LATER, "server at capacity")
@@ -330,7 +334,7 @@ class SignalingService(Service):
                     await task
                 if not task.cancelled() and task.done() and task.exception() is not None:
                     exc = task.exception()
-                    if not isinstance(exc, (OSError, RuntimeError)):
+                    if not isinstance(exc, (OSError, RuntimeError, WebSocketDisconnect)):
                         log.error("signaling task failed", error=repr(exc))
                         peer.close(closecodes.INTERNAL_ERROR, "internal error")
             self._forget(peer)
@@ -360,7 +364,9 @@ class SignalingService(Service):
             await peer.wakeup.wait()
             peer.wakeup.clear()
             while peer.outbox:
-                await ws.send_text(peer.outbox.popleft())
+                text = peer.outbox.popleft()
+                peer.outbox_bytes -= len(text)
+                await ws.send_text(text)
             if peer.closing:
                 return
 
@@ -431,7 +437,10 @@ class SignalingService(Service):
             self._publish(topic, msg.get("data"))
         elif kind == "subscribe":
             self._count("subscribe")
-            for topic in self._topic_list(msg):
+            topics = self._topic_list(msg)
+            if len(topics) > self.cfg.max_topics:
+                raise BadFrame("too many topics")
+            for topic in topics:
                 await self._subscribe(peer, topic)
         elif kind == "unsubscribe":
             self._count("unsubscribe")
@@ -482,8 +491,7 @@ class SignalingService(Service):
         subs.discard(peer)
         if not subs:
             del self.topics[topic]
-            if self.hub is not None:
-                self.hub.spawn(self._reconcile(topic))
+            self._spawn(self._reconcile(topic))
         else:
             self._announce_count(topic)
         self._topics_metric()
@@ -525,6 +533,13 @@ class SignalingService(Service):
             peer.send(text)
         if self._metrics_ready:
             self.m_relayed.inc(len(subs))
+
+    def _spawn(self, coro: Any) -> None:
+        try:
+            assert self.hub is not None
+            self.hub.spawn(coro)
+        except (AssertionError, RuntimeError):  # the hub is gone (shutdown): nothing left to reconcile
+            coro.close()
 
     def _publish_bus(self, topic: str, body: dict[str, Any], target: str | None = None) -> None:
         if self.hub is None:
@@ -609,7 +624,7 @@ class SignalingService(Service):
                 for topic in list(self._bus_topics):
                     self._announce_count(topic)
                 for topic in [t for t in self.topics if t not in self._bus_topics and t not in self._bus_locks]:
-                    self.hub.spawn(self._reconcile(topic))  # retry a bus subscription that failed
+                    self._spawn(self._reconcile(topic))  # retry a bus subscription that failed
                 horizon = time.monotonic() - 3.5 * self.cfg.gossip_seconds
                 for topic in list(self.remote):
                     counts = self.remote[topic]

@@ -1,4 +1,4 @@
-"""Every byte that reaches disk: Yjs update log and snapshots per room.
+"""Every byte that reaches disk: Yjs update log, snapshots, history and metadata per room.
 
 ``open_store(url)`` picks the backend; callers see only ``Store`` (see ``storage.base``).
 """
@@ -6,10 +6,15 @@
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from .base import (
+    DEFAULT_HISTORY_KEEP,
+    MAX_AUTHOR_BYTES,
     MAX_HISTORY_LIMIT,
+    MAX_META_KEY_BYTES,
+    MAX_META_KEYS,
+    MAX_META_VALUE_BYTES,
     MAX_ROOM_NAME_BYTES,
     MAX_UPDATE_BYTES,
     RoomState,
@@ -19,12 +24,19 @@ from .base import (
     StoreError,
     fold_updates,
 )
+from .postgres import PostgresStore
 from .sqlite import SQLiteStore
 
 __all__ = [
+    "DEFAULT_HISTORY_KEEP",
+    "MAX_AUTHOR_BYTES",
     "MAX_HISTORY_LIMIT",
+    "MAX_META_KEYS",
+    "MAX_META_KEY_BYTES",
+    "MAX_META_VALUE_BYTES",
     "MAX_ROOM_NAME_BYTES",
     "MAX_UPDATE_BYTES",
+    "PostgresStore",
     "RoomState",
     "SQLiteStore",
     "Store",
@@ -41,6 +53,20 @@ _SQLITE_URL_OPTIONS: dict[str, type] = {
     "busy_timeout": float,
     "max_pending": int,
     "max_pending_bytes": int,
+    "history_keep": int,
+}
+# Options of ours a postgresql URL may carry; every other query parameter goes to asyncpg (sslmode,
+# or any server setting such as ?statement_timeout=...).
+_POSTGRES_URL_OPTIONS: dict[str, type] = {
+    "schema": str,
+    "pool_size": int,
+    "command_timeout": float,
+    "connect_timeout": float,
+    "max_compactions": int,
+    "max_pending": int,
+    "max_pending_bytes": int,
+    "history_keep": int,
+    "synchronous": str,
 }
 
 
@@ -48,11 +74,24 @@ def open_store(url: str, **options: Any) -> Store:
     """The store at ``url``, not yet opened: ``await store.open()`` or ``async with store``.
 
     ``url`` is a plain file path (``collab-data/collab.db``), ``sqlite:relative/path.db``,
-    ``sqlite:///absolute/path.db`` or, later, ``postgresql://user@host/db``. Options in the query
-    string are overridden by keyword ``options``.
+    ``sqlite:///absolute/path.db`` or ``postgresql://user:password@host:port/db`` (also
+    ``postgres://``). Options in the query string (``?history_keep=0``, ``?schema=collab``...) are
+    overridden by keyword ``options``.
     """
     if url.startswith(("postgresql:", "postgres:")):
-        raise NotImplementedError("PostgreSQL store comes later")
+        parts = urlsplit(url)
+        if not url.startswith(("postgresql://", "postgres://")):
+            raise ValueError(f"{url!r}: use postgresql://user@host:port/db")
+        merged = {}
+        passed = []
+        for key, value in parse_qsl(parts.query, keep_blank_values=True):
+            if key in _POSTGRES_URL_OPTIONS:
+                merged[key] = _POSTGRES_URL_OPTIONS[key](value)
+            else:
+                passed.append((key, value))
+        merged.update(options)
+        dsn = urlunsplit(parts._replace(query=urlencode(passed)))
+        return PostgresStore(dsn, **merged)
     if url.startswith("sqlite:"):
         parts = urlsplit(url)
         if parts.netloc:

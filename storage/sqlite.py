@@ -119,6 +119,7 @@ class SQLiteStore(GroupCommitStore):
         busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
         max_pending: int = DEFAULT_MAX_PENDING,
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+        history_keep: int = DEFAULT_HISTORY_KEEP,
     ) -> None:
         path = Path(path).expanduser()
         if str(path) in ("", ".") or str(path).startswith(":memory:"):
@@ -126,42 +127,28 @@ class SQLiteStore(GroupCommitStore):
         mode = synchronous.upper()
         if mode not in ("FULL", "NORMAL"):
             raise ValueError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
-        if busy_timeout < 0 or max_pending < 1 or max_pending_bytes < 1:
-            raise ValueError("busy_timeout must be >= 0, max_pending and max_pending_bytes >= 1")
+        if busy_timeout < 0:
+            raise ValueError("busy_timeout must be >= 0")
+        super().__init__(max_pending=max_pending, max_pending_bytes=max_pending_bytes)
         self.path = path
         self.synchronous: Synchronous = "FULL" if mode == "FULL" else "NORMAL"
         self.busy_timeout = busy_timeout
-        self.max_pending = max_pending
-        self.max_pending_bytes = max_pending_bytes
-        # Counters for tests and metrics: write transactions of appends, and updates they held.
-        self.commits = 0
-        self.appended = 0
+        self.history_keep = check_history_keep(history_keep)
 
-        self._state: Literal["new", "open", "closing", "closed"] = "new"
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._writer_suspect = False
         self._reader_suspect = False
-        self._closed = asyncio.Event()
         self._write_lock = asyncio.Lock()
         self._read_lock = asyncio.Lock()
-        self._pending: deque[_Pending] = deque()
-        self._wakeup = asyncio.Event()
-        self._progress = asyncio.Event()  # replaced and set after every batch (a pulse)
-        self._enqueued = 0  # appends queued so far
-        self._resolved = 0  # appends committed or failed so far (in queue order)
-        self._outstanding_bytes = 0
         self._known_rooms: set[str] = set()
-        self._flusher: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"<SQLiteStore {str(self.path)!r} {self._state}>"
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def open(self) -> None:
-        if self._state != "new":
-            raise StoreError(f"{self!r} cannot be opened again")
+    async def _open_backend(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._writer = await self._connect()
@@ -173,27 +160,10 @@ class SQLiteStore(GroupCommitStore):
         except BaseException:
             await self._close_connections()
             raise
-        self._state = "open"
-        self._flusher = asyncio.create_task(self._flush_forever(), name=f"flusher {self.path}")
 
-    async def close(self) -> None:
-        if self._state == "new":
-            self._state = "closed"
-            self._closed.set()
-        if self._state in ("closing", "closed"):
-            await self._closed.wait()
-            return
-        self._state = "closing"
-        self._wakeup.set()
-        self._pulse()  # appends waiting for room give up
-        try:
-            if self._flusher is not None:
-                await asyncio.wait([self._flusher])  # drains the queue, then returns
-        finally:
-            async with self._write_lock, self._read_lock:
-                await self._close_connections()
-            self._state = "closed"
-            self._closed.set()
+    async def _close_backend(self) -> None:
+        async with self._write_lock, self._read_lock:
+            await self._close_connections()
 
     async def _connect(self, *, read_only: bool = False) -> aiosqlite.Connection:
         # isolation_level=None: no implicit transactions; every transaction here is explicit.
@@ -243,132 +213,42 @@ class SQLiteStore(GroupCommitStore):
                 await _close_quietly(db)
         self._writer = self._reader = None
 
-    # -- appends and the flusher -------------------------------------------------------------
+    # -- the flusher's transaction ---------------------------------------------------------
 
-    async def append(
-        self, room: str, update: bytes, *, author: str | None = None, ts: float | None = None
-    ) -> int:
-        check_append_args(room, update)
-        self._check_open()
-        while not self._has_room_for(len(update)):
-            await self._progress.wait()
-            self._check_open()
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._pending.append(
-            _Pending(room, update, author, time.time() if ts is None else float(ts), future)
-        )
-        self._enqueued += 1
-        self._outstanding_bytes += len(update)
-        self._wakeup.set()
-        return await future
-
-    async def flush(self) -> None:
-        target = self._enqueued
-        while self._resolved < target:
-            await self._progress.wait()
-
-    def _has_room_for(self, size: int) -> bool:
-        outstanding = self._enqueued - self._resolved
-        if outstanding == 0:
-            return True  # an oversized update alone still goes through
-        return (
-            outstanding < self.max_pending
-            and self._outstanding_bytes + size <= self.max_pending_bytes
-        )
-
-    def _pulse(self) -> None:
-        progress, self._progress = self._progress, asyncio.Event()
-        progress.set()
-
-    async def _flush_forever(self) -> None:
-        try:
-            while True:
-                if not self._pending:
-                    if self._state != "open":
-                        return  # closing and drained
-                    await self._wakeup.wait()
-                    self._wakeup.clear()
-                    continue
-                await self._commit(self._take_batch())
-        except asyncio.CancelledError:
-            log.warning("SQLite flusher for %s cancelled before close()", self.path)
-            raise
-        except BaseException:
-            log.exception("SQLite flusher for %s stopped", self.path)
-            raise
-        finally:
-            # Whatever the reason we stop, nobody may wait forever for a commit.
-            leftover = list(self._pending)
-            self._pending.clear()
-            self._fail(leftover, lambda: StoreClosed("the store's writer stopped"))
-
-    def _take_batch(self) -> list[_Pending]:
-        batch: list[_Pending] = []
-        size = 0
-        while self._pending and len(batch) < MAX_BATCH_UPDATES:
-            item = self._pending[0]
-            if batch and size + len(item.data) > MAX_BATCH_BYTES:
-                break
-            batch.append(self._pending.popleft())
-            size += len(item.data)
-        return batch
-
-    async def _commit(self, batch: list[_Pending]) -> None:
+    async def _write_batch(self, batch: list[Pending]) -> list[int]:
         rows = [(p.room, p.data, p.author, p.ts) for p in batch]
         new_rooms = {p.room for p in batch} - self._known_rooms
-        try:
-            async with self._write_lock:
-                db = await self._writable()
-                try:
-                    await db.execute("BEGIN IMMEDIATE")
-                    cursor = await db.executemany(
-                        "INSERT INTO updates (room, data, author, ts) VALUES (?, ?, ?, ?)", rows
+        async with self._write_lock:
+            db = await self._writable()
+            try:
+                await db.execute("BEGIN IMMEDIATE")
+                cursor = await db.executemany(
+                    "INSERT INTO updates (room, data, author, ts) VALUES (?, ?, ?, ?)", rows
+                )
+                if cursor.rowcount != len(rows):
+                    raise StoreError(f"inserted {cursor.rowcount} rows of {len(rows)}")
+                async with db.execute("SELECT last_insert_rowid()") as cursor:
+                    row = await cursor.fetchone()
+                assert row is not None
+                last_id = int(row[0])
+                if new_rooms:
+                    now = time.time()
+                    await db.executemany(
+                        "INSERT OR IGNORE INTO rooms (name, created_at) VALUES (?, ?)",
+                        [(name, now) for name in sorted(new_rooms)],
                     )
-                    if cursor.rowcount != len(rows):
-                        raise StoreError(f"inserted {cursor.rowcount} rows of {len(rows)}")
-                    async with db.execute("SELECT last_insert_rowid()") as cursor:
-                        row = await cursor.fetchone()
-                    assert row is not None
-                    last_id = int(row[0])
-                    if new_rooms:
-                        now = time.time()
-                        await db.executemany(
-                            "INSERT OR IGNORE INTO rooms (name, created_at) VALUES (?, ?)",
-                            [(name, now) for name in sorted(new_rooms)],
-                        )
-                    await db.execute("COMMIT")
-                except BaseException:
-                    await _rollback(db)
-                    raise
-        except Exception as exc:
-            self._writer_suspect = True
-            log.warning("SQLite commit of %d updates failed: %r", len(batch), exc)
-            self._fail(batch, lambda: _chained(StoreError(f"commit failed: {exc}"), exc))
-            return
-        except BaseException as exc:  # cancelled: the store is being torn down
-            self._fail(batch, lambda: _chained(StoreClosed("the store's writer stopped"), exc))
-            raise
-        self.commits += 1
-        self.appended += len(batch)
+                await db.execute("COMMIT")
+            except BaseException:
+                await _rollback(db)
+                raise
         if len(self._known_rooms) + len(new_rooms) > KNOWN_ROOMS_CACHE:
             self._known_rooms.clear()
         self._known_rooms |= new_rooms
-        first_id = last_id - len(batch) + 1
-        for offset, pending in enumerate(batch):
-            if not pending.future.done():  # its appender may have been cancelled
-                pending.future.set_result(first_id + offset)
-        self._resolved_batch(batch)
+        # With the write lock held, one executemany's rows get consecutive ids.
+        return list(range(last_id - len(batch) + 1, last_id + 1))
 
-    def _fail(self, batch: list[_Pending], error: Callable[[], StoreError]) -> None:
-        for pending in batch:
-            if not pending.future.done():
-                pending.future.set_exception(error())  # one instance each: tracebacks differ
-        self._resolved_batch(batch)
-
-    def _resolved_batch(self, batch: list[_Pending]) -> None:
-        self._outstanding_bytes -= sum(len(p.data) for p in batch)
-        self._resolved += len(batch)
-        self._pulse()
+    def _write_failed(self, exc: BaseException) -> None:
+        self._writer_suspect = True
 
     async def _writable(self) -> aiosqlite.Connection:
         """The writer connection; after a failed write, checked and reconnected if broken."""
@@ -414,17 +294,26 @@ class SQLiteStore(GroupCommitStore):
         return snapshot, upto_id, [(int(i), bytes(d)) for i, d in rows]
 
     async def history(
-        self, room: str, *, after_id: int = 0, limit: int = 1000
+        self,
+        room: str,
+        *,
+        after_id: int = 0,
+        before_id: int | None = None,
+        limit: int = 1000,
+        author: str | None = None,
     ) -> list[StoredUpdate]:
         check_room(room)
-        if not 1 <= limit <= MAX_HISTORY_LIMIT:
-            raise ValueError(f"limit must be between 1 and {MAX_HISTORY_LIMIT}")
+        check_history_args(after_id, before_id, limit, author)
+        sql = "SELECT id, data, author, ts FROM updates WHERE room = ? AND id > ?"
+        args: list[Any] = [room, max(0, after_id)]
+        if before_id is not None:
+            sql += " AND id < ?"
+            args.append(before_id)
+        if author is not None:
+            sql += " AND author = ?"
+            args.append(author)
         async with self._reading() as db:
-            rows = await db.execute_fetchall(
-                "SELECT id, data, author, ts FROM updates WHERE room = ? AND id > ? "
-                "ORDER BY id LIMIT ?",
-                (room, max(0, after_id), limit),
-            )
+            rows = await db.execute_fetchall(sql + " ORDER BY id LIMIT ?", (*args, limit))
         return [
             StoredUpdate(id=int(i), room=room, data=bytes(d), author=a, ts=float(t))
             for i, d, a, t in rows
@@ -446,8 +335,7 @@ class SQLiteStore(GroupCommitStore):
     async def ping(self) -> None:
         async with self._reading() as db:
             await db.execute_fetchall("SELECT 1")
-        if self._flusher is None or self._flusher.done():
-            raise StoreError("the store's writer stopped")
+        self._check_flusher()
         if self._writer_suspect:  # the last commit failed: is the database writable again?
             try:
                 async with self._write_lock:
@@ -459,11 +347,70 @@ class SQLiteStore(GroupCommitStore):
         self._check_open()
         return _Reading(self)
 
-    def _check_open(self) -> None:
-        if self._state != "open":
-            raise StoreClosed(f"{self!r} is not open")
-        if self._flusher is not None and self._flusher.done():
-            raise StoreError("the store's writer stopped")
+    # -- metadata ----------------------------------------------------------------------------
+
+    async def get_meta(self, room: str, key: str) -> bytes | None:
+        check_room(room)
+        check_meta_key(key)
+        async with self._reading() as db:
+            rows = await db.execute_fetchall(
+                "SELECT value FROM meta WHERE room = ? AND key = ?", (room, key)
+            )
+        rows = list(rows)
+        return bytes(rows[0][0]) if rows else None
+
+    async def list_meta(self, room: str, prefix: str = "") -> dict[str, bytes]:
+        check_room(room)
+        check_meta_prefix(prefix)
+        sql = "SELECT key, value FROM meta WHERE room = ? AND key >= ?"
+        args: list[Any] = [room, prefix]
+        if (upper := prefix_upper_bound(prefix)) is not None and prefix:
+            sql += " AND key < ?"
+            args.append(upper)
+        async with self._reading() as db:
+            rows = await db.execute_fetchall(sql + " ORDER BY key", args)
+        return {str(k): bytes(v) for k, v in rows}
+
+    async def put_meta(self, room: str, key: str, value: bytes | None) -> None:
+        check_room(room)
+        check_meta_key(key)
+        check_meta_value(value)
+        self._check_open()
+        try:
+            async with self._write_lock:
+                db = await self._writable()
+                try:
+                    await db.execute("BEGIN IMMEDIATE")
+                    if value is None:
+                        await db.execute(
+                            "DELETE FROM meta WHERE room = ? AND key = ?", (room, key)
+                        )
+                    else:
+                        cursor = await db.execute(
+                            "UPDATE meta SET value = ?, updated_at = ? WHERE room = ? AND key = ?",
+                            (value, time.time(), room, key),
+                        )
+                        if cursor.rowcount == 0:
+                            async with db.execute(
+                                "SELECT count(*) FROM meta WHERE room = ?", (room,)
+                            ) as counted:
+                                row = await counted.fetchone()
+                            if row is not None and row[0] >= MAX_META_KEYS:
+                                raise _TooManyKeys
+                            await db.execute(
+                                "INSERT INTO meta (room, key, value, updated_at) "
+                                "VALUES (?, ?, ?, ?)",
+                                (room, key, value, time.time()),
+                            )
+                    await db.execute("COMMIT")
+                except BaseException:
+                    await _rollback(db)
+                    raise
+        except _TooManyKeys:
+            raise ValueError(f"room {room!r} already holds {MAX_META_KEYS} meta keys") from None
+        except (sqlite3.Error, ValueError) as exc:
+            self._writer_suspect = True
+            raise StoreError(f"writing meta {key!r} of {room!r} failed: {exc}") from exc
 
     # -- compaction --------------------------------------------------------------------------
 
@@ -502,8 +449,13 @@ class SQLiteStore(GroupCommitStore):
                         "updated_at = excluded.updated_at",
                         (room, folded, new_upto_id, time.time()),
                     )
+                    # Retention: keep the newest history_keep rows inside the snapshot, never a
+                    # row above it. No cutoff row (fewer rows than that) compares NULL: no delete.
                     await db.execute(
-                        "DELETE FROM updates WHERE room = ? AND id <= ?", (room, new_upto_id)
+                        "DELETE FROM updates WHERE room = ?1 AND id <= ("
+                        "  SELECT id FROM updates WHERE room = ?1 AND id <= ?2"
+                        "  ORDER BY id DESC LIMIT 1 OFFSET ?3)",
+                        (room, new_upto_id, self.history_keep),
                     )
                     await db.execute("COMMIT")
                     return True
@@ -513,6 +465,10 @@ class SQLiteStore(GroupCommitStore):
         except (sqlite3.Error, ValueError) as exc:
             self._writer_suspect = True
             raise StoreError(f"compaction of {room!r} failed: {exc}") from exc
+
+
+class _TooManyKeys(Exception):
+    pass
 
 
 class _Reading:
@@ -563,11 +519,6 @@ async def _read_snapshot(
     if row is None:
         return None, 0
     return (bytes(row[0]) if row[0] is not None else None), int(row[1])
-
-
-def _chained(error: StoreError, cause: BaseException) -> StoreError:
-    error.__cause__ = cause
-    return error
 
 
 async def _close_quietly(db: aiosqlite.Connection) -> None:

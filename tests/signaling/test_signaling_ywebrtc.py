@@ -198,6 +198,8 @@ async def sync_two_ywebrtc_peers(ns_pid: int, url_a: str, url_b: str, room: str,
         for d in signals:
             if d["signal"].get("type") == "candidate":
                 assert {"candidate", "sdpMLineIndex", "sdpMid"} <= set(d["signal"]["candidate"])
+                # the namespace has nothing but lo: every candidate is a loopback address
+                assert d["signal"]["candidate"]["candidate"].split()[4] in ("127.0.0.1", "::1")
         assert "hello from A" not in json.dumps(datas)
         return seconds
     finally:

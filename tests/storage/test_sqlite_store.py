@@ -13,10 +13,11 @@ from pathlib import Path
 import pycrdt
 import pytest
 
-from storage import SQLiteStore, StoreClosed, StoreError, open_store
+from storage import PostgresStore, SQLiteStore, StoreClosed, StoreError, open_store
+from storage.sqlite import MIGRATIONS, SCHEMA_VERSION
 
 ROOT = Path(__file__).resolve().parents[2]
-WORKER = Path(__file__).with_name("sqlite_worker.py")
+WORKER = Path(__file__).with_name("store_worker.py")
 COMMITTED = re.compile(r"committed (\d+) (\S+) (\S+)")
 
 
@@ -73,14 +74,17 @@ def test_store_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     overridden = open_store("sqlite:x.db?synchronous=normal", synchronous="FULL")
     assert overridden.synchronous == "FULL"  # type: ignore[attr-defined]
 
+    assert open_store("sqlite:x.db?history_keep=7").history_keep == 7  # type: ignore[attr-defined]
+    assert open_store("x.db", history_keep=0).history_keep == 0  # type: ignore[attr-defined]
     for url in ("postgresql://u@h/db", "postgres://u@h/db"):
-        with pytest.raises(NotImplementedError, match="PostgreSQL store comes later"):
-            open_store(url)
+        assert isinstance(open_store(url), PostgresStore)
     for bad in ("mysql://h/db", "sqlite://host/x.db", "sqlite:x.db?nope=1", ":memory:", ""):
         with pytest.raises(ValueError):
             open_store(bad)
     with pytest.raises(ValueError):
         open_store("x.db", synchronous="OFF")
+    with pytest.raises(ValueError):
+        open_store("x.db", history_keep=-1)
 
 
 async def test_relative_url_creates_parent_directories(
@@ -99,7 +103,26 @@ async def test_wal_and_synchronous_are_set(opened, synchronous: str, level: int)
     assert list(await store._writer.execute_fetchall("PRAGMA synchronous")) == [(level,)]
     with sqlite3.connect(store.path) as probe:
         assert probe.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        assert probe.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        assert probe.execute("SELECT version FROM schema_version").fetchall() == [
+            (SCHEMA_VERSION,)
+        ]
+
+
+async def test_a_version_1_file_is_migrated_in_place(opened, tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / "collab.db") as db:  # as the previous release left it
+        for statement in MIGRATIONS[1]:
+            db.execute(statement)
+        db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        db.execute("INSERT INTO schema_version VALUES (1)")
+        db.execute("INSERT INTO updates (room, data, author, ts) VALUES ('r', ?, 'old', 1.0)",
+                   (update_of("old"),))
+        db.execute("INSERT INTO rooms VALUES ('r', 1.0)")
+    store = await opened()
+    assert [(r.author, r.ts) for r in await store.history("r")] == [("old", 1.0)]
+    await store.put_meta("r", "owner", b"alice")
+    assert await store.list_meta("r") == {"owner": b"alice"}
+    with sqlite3.connect(tmp_path / "collab.db") as probe:
+        assert probe.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
 
 
 async def test_a_newer_schema_is_refused(opened, tmp_path: Path) -> None:
@@ -142,7 +165,7 @@ def committed(output: bytes) -> dict[int, tuple[str, str]]:
 
 
 async def test_processes_appending_and_compacting_together_lose_nothing(tmp_path: Path) -> None:
-    url = f"sqlite://{tmp_path}/shared.db"
+    url = f"sqlite://{tmp_path}/shared.db?history_keep=0"  # compaction deletes: the risky path
     workers = [
         await spawn(url, name, "--tasks", "4", "--count", "100", "--compact-every", "20")
         for name in ("p", "q")
@@ -223,10 +246,15 @@ async def test_a_read_only_database_fails_appends_and_compaction_until_writable(
     with pytest.raises(StoreError):
         await store.compact("r")
 
+    with pytest.raises(StoreError):
+        await store.put_meta("r", "k", b"v")
+
     await store._writer.execute("PRAGMA query_only = OFF")
     assert await store.append("r", update_of("b")) > 0
     assert await store.compact("r")
-    assert len((await store.history("r"))) == 0
+    await store.put_meta("r", "k", b"v")
+    assert (await store.load("r")).updates == []
+    assert len(await store.history("r")) == 2  # kept as history
 
 
 async def test_a_broken_writer_connection_is_replaced(opened) -> None:

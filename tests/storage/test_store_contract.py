@@ -15,7 +15,17 @@ from typing import TypeVar
 import pycrdt
 import pytest
 
-from storage import MAX_HISTORY_LIMIT, MAX_UPDATE_BYTES, RoomState, Store, StoreClosed
+import storage
+from storage import (
+    MAX_HISTORY_LIMIT,
+    MAX_META_KEY_BYTES,
+    MAX_META_VALUE_BYTES,
+    MAX_UPDATE_BYTES,
+    RoomState,
+    Store,
+    StoreClosed,
+    StoredUpdate,
+)
 
 TRACE = Path("/work/shared/traces/automerge-paper.json.gz")
 T = TypeVar("T")
@@ -86,10 +96,19 @@ async def test_round_trip_reproduces_the_document(store: Store) -> None:
     assert text_of(state) == str(text) == "Hello, dear world — ünïcode ✓"
 
 
+async def all_history(store: Store, room: str, **filters) -> list[StoredUpdate]:
+    rows: list[StoredUpdate] = []
+    while page := await store.history(room, after_id=rows[-1].id if rows else 0, **filters):
+        rows.extend(page)
+    return rows
+
+
 async def test_unknown_room_is_empty(store: Store) -> None:
     assert await store.load("nobody-here") == RoomState(None, [], 0, 0)
     assert await store.history("nobody-here") == []
     assert await store.compact("nobody-here") is False
+    assert await store.get_meta("nobody-here", "k") is None
+    assert await store.list_meta("nobody-here") == {}
 
 
 async def test_returned_ids_name_the_stored_rows(store: Store) -> None:
@@ -100,15 +119,15 @@ async def test_returned_ids_name_the_stored_rows(store: Store) -> None:
     assert {row.id: row.data for row in rows} == dict(zip(ids, updates))
 
 
-async def test_ids_increase_per_room_across_rooms_compaction_and_restart(
-    store: Store, open_new
-) -> None:
+async def test_ids_increase_per_room_across_rooms_compaction_and_restart(open_new) -> None:
+    store = await open_new(history_keep=0)
     writers = {room: Writer(room) for room in ("a", "b")}
     seen: dict[str, list[int]] = {"a": [], "b": []}
     for _ in range(5):
         for room, writer in writers.items():
             seen[room].append(await store.append(room, writer.insert_token()))
-    assert await store.compact("a")  # deletes the newest rows of "a"
+    assert await store.compact("a")  # history_keep=0: deletes the newest rows of "a"
+    assert await store.history("a") == []
     await store.close()
 
     again = await open_new()
@@ -197,7 +216,9 @@ async def test_compaction_keeps_updates_whose_dependencies_are_missing(store: St
     assert state.updates == [] and text_of(state) == "bcdef"
 
 
-async def test_appends_racing_compaction_are_never_lost(store: Store) -> None:
+@pytest.mark.parametrize("history_keep", [0, 5, 20_000])
+async def test_appends_racing_compaction_are_never_lost(open_new, history_keep: int) -> None:
+    store = await open_new(history_keep=history_keep)
     writers = [Writer(f"w{n}") for n in range(6)]
     turns = random.Random(7).randrange
     for _ in range(40):
@@ -209,10 +230,33 @@ async def test_appends_racing_compaction_are_never_lost(store: Store) -> None:
     state = await store.load("race")
     assert state.updates == []
     assert_tokens(text_of(state), writers)
+    rows = await all_history(store, "race")
+    assert len(rows) == min(history_keep, 6 * 40)
+    assert not rows or rows[-1].id == state.last_id  # pruning keeps the newest rows
 
 
-async def test_two_stores_on_one_storage_lose_nothing(store: Store, open_new) -> None:
-    other = await open_new()
+@pytest.mark.parametrize("history_keep", [0, 3])
+async def test_pruning_never_touches_the_tail(open_new, history_keep: int) -> None:
+    # Appends land while compactions (which prune) run: whatever is not in the snapshot yet must
+    # still be a row, and load's tail must be exactly the rows above the snapshot.
+    store = await open_new(history_keep=history_keep)
+    writers = [Writer(f"w{n}") for n in range(4)]
+    turns = random.Random(5).randrange
+    for _ in range(30):
+        jobs = [after_turns(turns(20), store.compact("tail"))]
+        jobs += [after_turns(turns(20), store.append("tail", w.insert_token())) for w in writers]
+        await asyncio.gather(*jobs)
+        state = await store.load("tail")
+        rows = await all_history(store, "tail")
+        tail = rows[len(rows) - len(state.updates) :]
+        assert [r.data for r in tail] == state.updates
+        assert not tail or tail[-1].id == state.last_id
+        assert len(rows) - len(tail) <= history_keep
+        assert_tokens(text_of(state), writers)
+
+
+async def test_two_stores_on_one_storage_lose_nothing(open_new) -> None:
+    store, other = await open_new(history_keep=0), await open_new(history_keep=0)
     writers = {
         s: [Writer(f"{name}{n}") for n in range(4)] for s, name in ((store, "a"), (other, "b"))
     }
@@ -236,7 +280,7 @@ async def test_two_stores_on_one_storage_lose_nothing(store: Store, open_new) ->
     assert_tokens(text_of(state), everyone)
 
 
-async def test_history_lists_the_tail_with_attribution(store: Store) -> None:
+async def test_history_lists_rows_with_attribution(store: Store) -> None:
     writer = Writer("w")
     start = time.time()
     first = await store.append("h", writer.insert_token(), author="alice")
@@ -258,9 +302,69 @@ async def test_history_lists_the_tail_with_attribution(store: Store) -> None:
     with pytest.raises(ValueError):
         await store.history("h", limit=MAX_HISTORY_LIMIT + 1)
 
-    await store.compact("h")  # folded rows leave the history
+    assert await store.compact("h")  # folded rows stay in the history, with their attribution
     fourth = await store.append("h", writer.insert_token(), author="carol")
-    assert [(r.id, r.author) for r in await store.history("h")] == [(fourth, "carol")]
+    after = await store.history("h")
+    assert after[:3] == rows
+    assert [(r.id, r.author) for r in after[3:]] == [(fourth, "carol")]
+    assert [r.data for r in after[3:]] == (await store.load("h")).updates
+
+
+async def test_history_filters_and_pages(store: Store) -> None:
+    writer = Writer("w")
+    authors = ["ann", "bob", None, "ann", "bob", "ann"] * 5
+    ids = [await store.append("f", writer.insert_token(), author=a) for a in authors]
+    await store.append("other", writer.insert_token(), author="ann")
+    assert await store.compact("f")
+    anns = [i for i, a in zip(ids, authors) if a == "ann"]
+
+    assert [r.id for r in await store.history("f", author="ann")] == anns
+    assert [r.id for r in await store.history("f", author="ann", limit=2)] == anns[:2]
+    assert [r.id for r in await store.history("f", author="nobody")] == []
+    assert [r.id for r in await store.history("f", before_id=ids[3])] == ids[:3]
+    assert [r.id for r in await store.history("f", after_id=ids[2], before_id=ids[6])] == ids[3:6]
+    assert [r.id for r in await store.history("f", after_id=ids[0], before_id=ids[1])] == []
+    assert [
+        r.id for r in await store.history("f", after_id=anns[1], before_id=anns[-1], author="ann")
+    ] == anns[2:-1]
+    assert [r.id for r in await all_history(store, "f", limit=7)] == ids
+    assert [r.id for r in await all_history(store, "f", limit=4, author="bob")] == [
+        i for i, a in zip(ids, authors) if a == "bob"
+    ]
+    with pytest.raises(TypeError):
+        await store.history("f", before_id="9")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        await store.history("f", author="")
+
+
+async def test_compaction_keeps_history_but_load_returns_only_the_tail(open_new) -> None:
+    store = await open_new(history_keep=3)
+    writer = Writer("w")
+    first = [await store.append("k", writer.insert_token(), author=f"a{n}") for n in range(10)]
+    assert await store.compact("k")
+    state = await store.load("k")
+    assert state.updates == [] and state.last_id == first[-1]
+    assert [(r.id, r.author) for r in await store.history("k")] == [
+        (first[7], "a7"), (first[8], "a8"), (first[9], "a9")
+    ]
+
+    second = [await store.append("k", writer.insert_token(), author="b") for _ in range(4)]
+    state = await store.load("k")
+    assert len(state.updates) == 4 and state.last_id == second[-1]
+    assert [r.id for r in await store.history("k")] == first[7:] + second
+    assert await store.compact("k")
+    assert [r.id for r in await store.history("k")] == second[1:]  # newest 3 at or below upto_id
+    assert (await store.load("k")).updates == []
+    assert text_of(await store.load("k")) == str(writer.text)
+
+    # The default keeps far more than a compaction interval: nothing is pruned here.
+    default = await open_new()
+    for n in range(50):
+        await default.append("d", writer.insert_token())
+        if n % 10 == 9:
+            assert await default.compact("d")
+    assert len(await default.history("d")) == 50
+    assert (await default.load("d")).updates == []
 
 
 async def test_rooms_are_listed_by_prefix(store: Store) -> None:
@@ -318,6 +422,9 @@ async def test_ping_and_every_operation_fail_on_a_closed_store(store: Store) -> 
         store.compact("r"),
         store.history("r"),
         store.rooms(),
+        store.get_meta("r", "k"),
+        store.put_meta("r", "k", b"v"),
+        store.list_meta("r"),
     ):
         with pytest.raises(StoreClosed):
             await operation
@@ -337,7 +444,27 @@ async def test_bad_arguments_are_refused(store: Store) -> None:
         await store.append("\ud800", b"\0\0")
     with pytest.raises(TypeError):
         await store.append("r", "not bytes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        await store.append("r\0x", b"\0\0")  # PostgreSQL text cannot hold NUL
+    for author in ("bad\0", "\udc80", "a" * 2000, ""):
+        with pytest.raises(ValueError):
+            await store.append("r", b"\0\0", author=author)
+    with pytest.raises(TypeError):
+        await store.append("r", b"\0\0", author=7)  # type: ignore[arg-type]
     assert await store.rooms() == []
+
+
+async def test_a_bad_append_never_fails_the_batch_it_would_have_joined(store: Store) -> None:
+    writer = Writer("w")
+    good = [asyncio.create_task(store.append("b", writer.insert_token())) for _ in range(10)]
+    bad = [
+        asyncio.create_task(store.append("b", b"\0\0", author=author))
+        for author in ("x\0", "\ud800")
+    ]
+    assert all(isinstance(i, int) for i in await asyncio.gather(*good))
+    for task in bad:
+        with pytest.raises(ValueError):
+            await task
 
 
 async def test_real_editing_trace_survives_appends_and_compactions(store: Store) -> None:
@@ -368,3 +495,88 @@ async def test_real_editing_trace_survives_appends_and_compactions(store: Store)
     state = await store.load("paper")
     assert state.snapshot is not None and len(state.updates) < 2500
     assert text_of(state) == expected
+
+
+# -- metadata ----------------------------------------------------------------------------------
+
+
+async def test_meta_round_trip_overwrite_delete_and_reopen(store: Store, open_new) -> None:
+    commits = store.commits
+    assert await store.get_meta("m", "owner") is None
+    await store.put_meta("m", "owner", b"alice")
+    await store.put_meta("m", "empty", b"")
+    await store.put_meta("other", "owner", b"bob")
+    assert await store.get_meta("m", "owner") == b"alice"
+    assert await store.get_meta("m", "empty") == b""  # empty is a value, None is absence
+    await store.put_meta("m", "owner", b"carol")
+    assert await store.get_meta("m", "owner") == b"carol"
+    await store.put_meta("m", "empty", None)
+    await store.put_meta("m", "never-there", None)  # deleting nothing is fine
+    assert await store.get_meta("m", "empty") is None
+    assert await store.list_meta("m") == {"owner": b"carol"}
+    assert await store.get_meta("other", "owner") == b"bob"
+    assert store.commits == commits  # metadata does not ride on group commit
+    assert await store.rooms() == []  # nor does it make a room
+    await store.close()
+
+    again = await open_new()
+    assert await again.list_meta("m") == {"owner": b"carol"}
+    assert await again.list_meta("other") == {"owner": b"bob"}
+
+
+async def test_meta_is_listed_by_prefix(store: Store) -> None:
+    keys = ["undo/alice", "undo/bob", "undo", "undo0", "invite/x", "é/ü", "z\U0010ffff"]
+    for n, key in enumerate(keys):
+        await store.put_meta("r", key, f"{n}".encode())
+    await store.put_meta("s", "undo/eve", b"elsewhere")
+
+    assert list(await store.list_meta("r")) == sorted(keys)
+    assert await store.list_meta("r", "undo/") == {"undo/alice": b"0", "undo/bob": b"1"}
+    assert list(await store.list_meta("r", "undo")) == ["undo", "undo/alice", "undo/bob", "undo0"]
+    assert await store.list_meta("r", "é/") == {"é/ü": b"5"}
+    assert await store.list_meta("r", "z\U0010ffff") == {"z\U0010ffff": b"6"}
+    assert await store.list_meta("r", "nope") == {}
+
+
+async def test_meta_bounds(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    await store.put_meta("r", "k" * MAX_META_KEY_BYTES, b"v" * MAX_META_VALUE_BYTES)
+    assert await store.get_meta("r", "k" * MAX_META_KEY_BYTES) == b"v" * MAX_META_VALUE_BYTES
+    await store.put_meta("r", "é" * (MAX_META_KEY_BYTES // 2), b"2-byte characters")
+    for key in ("k" * (MAX_META_KEY_BYTES + 1), "é" * (MAX_META_KEY_BYTES // 2 + 1), "", "a\0b",
+                "\ud800"):
+        with pytest.raises(ValueError):
+            await store.put_meta("r", key, b"v")
+        with pytest.raises(ValueError):
+            await store.get_meta("r", key)
+    with pytest.raises(ValueError):
+        await store.put_meta("r", "k", b"v" * (MAX_META_VALUE_BYTES + 1))
+    with pytest.raises(TypeError):
+        await store.put_meta("r", "k", "text")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        await store.put_meta("r", 7, b"v")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        await store.put_meta("", "k", b"v")
+    assert len(await store.list_meta("r")) == 2
+
+    # Keys per room are bounded too (lowered here: 10k transactions would be slow).
+    for module in (storage.sqlite, storage.postgres):
+        monkeypatch.setattr(module, "MAX_META_KEYS", 5)
+    for n in range(3):
+        await store.put_meta("r", f"n{n}", b"x")
+    with pytest.raises(ValueError, match="5 meta keys"):
+        await store.put_meta("r", "one-too-many", b"x")
+    await store.put_meta("r", "n0", b"overwriting is fine")
+    await store.put_meta("r", "n0", None)
+    await store.put_meta("r", "one-too-many", b"room again")
+    await store.put_meta("other", "k", b"other rooms have their own bound")
+
+
+async def test_concurrent_meta_writers_leave_one_value(store: Store, open_new) -> None:
+    other = await open_new()
+    await asyncio.gather(
+        *(s.put_meta("c", f"k{n % 5}", f"{n}".encode()) for n in range(40) for s in (store, other))
+    )
+    values = await store.list_meta("c")
+    assert sorted(values) == [f"k{n}" for n in range(5)]
+    assert values == await other.list_meta("c")
+    assert all(int(v) % 5 == int(k[1]) for k, v in values.items())

@@ -1,8 +1,10 @@
-"""A separate server process for the SQLite multi-process tests (run as a script, not collected).
+"""A separate server process for the multi-process store tests (run as a script, not collected).
 
+Works with any store URL (SQLite file, PostgreSQL).
 Opens the store, prints ``ready``, waits for a line on stdin (so several workers start together),
 then runs TASKS writers that each append COUNT tokens (forever if COUNT < 0) and print
-``committed <id> <writer> <token>`` after each append returned, i.e. after its commit.
+``committed <id> <writer> <token>`` after each append returned, i.e. after its commit, and
+``compacted <True|False>`` after each compaction (``--compact-every N`` appends of a writer).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ async def write(store, room: str, name: str, count: int, compact_every: int) -> 
         print(f"committed {update_id} {name} {token}", flush=True)
         n += 1
         if compact_every and n % compact_every == 0:
-            await store.compact(room)
+            print(f"compacted {await store.compact(room)}", flush=True)
 
 
 async def main() -> None:

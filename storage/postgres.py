@@ -1,0 +1,564 @@
+"""PostgreSQL document store (asyncpg): storage shared by server nodes on many hosts.
+
+Theory of operation
+-------------------
+* Connections: one dedicated *writer* connection for the flusher (appends never queue behind reads
+  for a pool slot) and a small asyncpg pool for reads, compaction and metadata. A connection that
+  broke (PostgreSQL restarted, backend terminated, network) is replaced: the pool does it on
+  acquire, the writer is checked after any failed batch and reconnected. The batch in flight when a
+  connection breaks fails (StoreError, cause chained): its COMMIT may or may not have happened, and
+  only the caller can decide what to do with an update whose fate is unknown (Yjs updates are
+  idempotent, so sending it again is always safe). Later appends succeed once the server answers.
+* Group commit (``groupcommit.GroupCommitStore``): the flusher writes every queued append (up to
+  MAX_BATCH_*) with ONE ``INSERT ... SELECT FROM unnest(...) ORDER BY n RETURNING id`` in one
+  transaction. Rows get their ids in batch order (the sequence is read row by row in that order), so
+  the sorted returned ids map back onto the batch.
+* Ids come from one identity sequence (``CACHE 1``): unique, never reused. But sequences do not
+  commit in order across transactions: two processes appending to one room could commit id 11
+  before id 10, and a reader (load, compaction, ``history(after_id=...)``) that saw 11 would skip 10
+  forever. So each batch first takes ``pg_advisory_xact_lock(APPEND, key(room))`` for every room in
+  it, in ascending key order (no deadlock between batches sharing rooms), and only then draws ids.
+  A room's writers are serialized until COMMIT, so its committed ids are always a prefix of its ids.
+  Rooms whose keys collide (32-bit hash) merely share a lock.
+* Compaction: one node at a time per room -- a session ``pg_try_advisory_lock(COMPACT, key(room))``;
+  if another node (or task) holds it, ``compact`` returns False at once. Under the lock: read
+  snapshot + tail in one statement, fold in a worker thread (the pool connection stays held, with no
+  transaction open), then in one transaction upsert the snapshot only if ``upto_id`` is unchanged and
+  prune history beyond ``history_keep`` rows at or below the new ``upto_id``. Rows above it are never
+  touched, so a concurrent append from any node survives. Compactions per store are capped
+  (``max_compactions``) so they never take the whole pool; the lock dies with its session, so a
+  crashed compactor never blocks the room.
+* Schema: created/migrated at ``open`` under ``pg_advisory_xact_lock(MIGRATE, key(schema))`` in one
+  transaction, so processes starting together migrate one after another and the rest see it done.
+  ``?schema=name`` puts the tables in their own schema (created if missing) via ``search_path``.
+  Room and key columns use ``COLLATE "C"``: code point order, whatever the database's locale.
+* ``synchronous=NORMAL`` (the server's ``--sqlite-synchronous``) sets ``synchronous_commit=off`` on the
+  writer: a commit then survives a crash of the collab process but not of the database server (up to
+  ~3 x wal_writer_delay lost). ``FULL`` (default) keeps the server's setting (normally ``on``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from .base import (
+    DEFAULT_HISTORY_KEEP,
+    MAX_META_KEYS,
+    RoomState,
+    StoreError,
+    StoredUpdate,
+    check_history_args,
+    check_history_keep,
+    check_meta_key,
+    check_meta_prefix,
+    check_meta_value,
+    check_room,
+    fold_updates,
+    prefix_upper_bound,
+)
+from .groupcommit import DEFAULT_MAX_PENDING, DEFAULT_MAX_PENDING_BYTES, GroupCommitStore, Pending
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        # CACHE 1: ids are drawn in order by whoever holds the room's append lock.
+        # The primary key (room, id) is the only index: every read is "a room's rows by id".
+        """CREATE TABLE updates (
+               id     bigint GENERATED ALWAYS AS IDENTITY (CACHE 1),
+               room   text COLLATE "C" NOT NULL,
+               data   bytea NOT NULL,
+               author text,
+               ts     double precision NOT NULL,
+               PRIMARY KEY (room, id)
+           )""",
+        """CREATE TABLE snapshots (
+               room       text COLLATE "C" PRIMARY KEY,
+               data       bytea NOT NULL,
+               upto_id    bigint NOT NULL,
+               updated_at double precision NOT NULL
+           )""",
+        """CREATE TABLE rooms (
+               name       text COLLATE "C" PRIMARY KEY,
+               created_at double precision NOT NULL
+           )""",
+        """CREATE TABLE meta (
+               room       text COLLATE "C" NOT NULL,
+               key        text COLLATE "C" NOT NULL,
+               value      bytea NOT NULL,
+               updated_at double precision NOT NULL,
+               PRIMARY KEY (room, key)
+           )""",
+    ),
+}
+
+# Advisory lock namespaces (first key of the two-int form; "col" + n), never to be changed: nodes
+# running different versions must agree on them, and on ``lock_key``.
+LOCK_MIGRATE = 0x636F6C00
+LOCK_APPEND = 0x636F6C01
+LOCK_COMPACT = 0x636F6C02
+LOCK_META = 0x636F6C03
+
+DEFAULT_POOL_SIZE = 4
+DEFAULT_COMMAND_TIMEOUT = 30.0  # a statement (incl. waiting for a lock) fails after this long
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_MAX_COMPACTIONS = 2  # concurrent compactions per store, each holding one pool connection
+CLOSE_TIMEOUT = 10.0  # close() waits this long for borrowed pool connections, then terminates
+KNOWN_ROOMS_CACHE = 100_000
+SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+
+# What asyncpg and the network raise; wrapped into StoreError (asyncio.TimeoutError is an OSError).
+DB_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    OSError,
+)
+
+# The session is gone (terminated, server restarted, socket closed): nothing ran, so a read may retry.
+CONNECTION_LOST: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,  # incl. ConnectionDoesNotExistError
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    ConnectionError,
+)
+
+T = TypeVar("T")
+
+LOCK_ROOMS = "SELECT pg_advisory_xact_lock($1, k) FROM unnest($2::int4[]) AS k"
+INSERT_BATCH = """
+    INSERT INTO updates (room, data, author, ts)
+    SELECT room, data, author, ts
+      FROM unnest($1::text[], $2::bytea[], $3::text[], $4::float8[])
+           WITH ORDINALITY AS b (room, data, author, ts, n)
+     ORDER BY n
+    RETURNING id"""
+INSERT_ROOMS = """
+    INSERT INTO rooms (name, created_at) SELECT unnest($1::text[]), $2
+    ON CONFLICT (name) DO NOTHING"""
+# Snapshot (kind 0) and tail (kind 1) in one statement: one MVCC snapshot, one round trip.
+READ_ROOM = """
+    WITH s AS (SELECT data, upto_id FROM snapshots WHERE room = $1)
+    SELECT 0 AS kind, upto_id AS id, data FROM s
+    UNION ALL
+    SELECT 1, u.id, u.data FROM updates u
+     WHERE u.room = $1 AND u.id > coalesce((SELECT upto_id FROM s), 0)
+    ORDER BY kind, id"""
+# The upto_id check: the row is written only if it is still what this compaction read (0 = none).
+UPSERT_SNAPSHOT = """
+    INSERT INTO snapshots AS s (room, data, upto_id, updated_at) VALUES ($1, $2, $3, $4)
+    ON CONFLICT (room) DO UPDATE
+       SET data = excluded.data, upto_id = excluded.upto_id, updated_at = excluded.updated_at
+     WHERE s.upto_id = $5"""
+# Retention: keep the newest $3 rows with id <= $2 (the new upto_id); no cutoff row -> NULL -> none.
+PRUNE = """
+    DELETE FROM updates WHERE room = $1 AND id <= (
+        SELECT id FROM updates WHERE room = $1 AND id <= $2 ORDER BY id DESC OFFSET $3 LIMIT 1)"""
+
+
+def lock_key(*parts: str) -> int:
+    """A stable signed 32-bit key for advisory locks (blake2b: same on every node and version)."""
+    digest = hashlib.blake2b("\0".join(parts).encode("utf-8"), digest_size=4).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+class PostgresStore(GroupCommitStore):
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str | None = None,
+        pool_size: int = DEFAULT_POOL_SIZE,
+        command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        max_compactions: int = DEFAULT_MAX_COMPACTIONS,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+        history_keep: int = DEFAULT_HISTORY_KEEP,
+        synchronous: str = "FULL",
+    ) -> None:
+        if not dsn.startswith(("postgresql://", "postgres://")):
+            raise ValueError("PostgresStore needs a postgresql:// URL")
+        if schema is not None and not SCHEMA_NAME.fullmatch(schema):
+            raise ValueError(f"schema must match {SCHEMA_NAME.pattern}, not {schema!r}")
+        if pool_size < 1 or max_compactions < 1:
+            raise ValueError("pool_size and max_compactions must be >= 1")
+        if command_timeout <= 0 or connect_timeout <= 0:
+            raise ValueError("command_timeout and connect_timeout must be > 0")
+        mode = synchronous.upper()
+        if mode not in ("FULL", "NORMAL"):
+            raise ValueError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
+        super().__init__(max_pending=max_pending, max_pending_bytes=max_pending_bytes)
+        self.dsn = dsn
+        self.schema = schema
+        self.pool_size = pool_size
+        self.command_timeout = command_timeout
+        self.connect_timeout = connect_timeout
+        self.synchronous = mode
+        self.history_keep = check_history_keep(history_keep)
+
+        self._pool: asyncpg.Pool | None = None
+        self._writer: asyncpg.Connection | None = None
+        self._writer_suspect = False
+        self._write_lock = asyncio.Lock()  # the writer: flusher batches and ping's health check
+        self._compactions = asyncio.Semaphore(max_compactions)
+        self._known_rooms: set[str] = set()
+        self._namespace = schema or ""
+
+    def __repr__(self) -> str:
+        parts = urlsplit(self.dsn)
+        host = parts.hostname or ""
+        netloc = f"{parts.username}@{host}" if parts.username else host
+        if parts.port:
+            netloc += f":{parts.port}"
+        safe = urlunsplit((parts.scheme, netloc, parts.path, "", ""))  # no password, no options
+        return f"<PostgresStore {safe}{f' schema={self.schema}' if self.schema else ''} {self._state}>"
+
+    # -- connections -------------------------------------------------------------------------
+
+    def _server_settings(self, *, writer: bool) -> dict[str, str]:
+        settings = {"application_name": "collab"}
+        if self.schema:
+            settings["search_path"] = f'"{self.schema}"'
+        if writer and self.synchronous == "NORMAL":
+            settings["synchronous_commit"] = "off"
+        return settings
+
+    async def _connect_writer(self) -> asyncpg.Connection:
+        return await asyncpg.connect(
+            self.dsn,
+            timeout=self.connect_timeout,
+            command_timeout=self.command_timeout,
+            server_settings=self._server_settings(writer=True),
+        )
+
+    async def _open_backend(self) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.dsn,
+                min_size=1,
+                max_size=self.pool_size,
+                timeout=self.connect_timeout,
+                command_timeout=self.command_timeout,
+                server_settings=self._server_settings(writer=False),
+            )
+            async with self._pool.acquire() as conn:
+                await self._migrate(conn)
+            self._writer = await self._connect_writer()
+        except Exception as exc:
+            await self._close_backend()
+            if isinstance(exc, StoreError):
+                raise
+            raise StoreError(f"cannot open PostgreSQL store {self!r}: {exc}") from exc
+        except BaseException:
+            await self._close_backend()
+            raise
+
+    async def _migrate(self, conn: asyncpg.Connection) -> None:
+        async with conn.transaction():
+            # Everyone opening this schema queues here; the first one creates, the others see it.
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock($1, $2)", LOCK_MIGRATE, lock_key(self._namespace)
+            )
+            if self.schema:
+                await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+            await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version int NOT NULL)")
+            rows = await conn.fetch("SELECT version FROM schema_version")
+            current = int(rows[0][0]) if rows else 0
+            if current > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self!r} has schema version {current}; this code knows up to {SCHEMA_VERSION}"
+                )
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[version]:
+                    await conn.execute(statement)
+            if not rows:
+                await conn.execute("INSERT INTO schema_version VALUES ($1)", SCHEMA_VERSION)
+            elif current != SCHEMA_VERSION:
+                await conn.execute("UPDATE schema_version SET version = $1", SCHEMA_VERSION)
+
+    async def _close_backend(self) -> None:
+        async with self._write_lock:
+            writer, self._writer = self._writer, None
+            if writer is not None:
+                await _close_quietly(writer)
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT)
+            except Exception:  # borrowed connections did not come back, or are broken
+                log.warning("terminating the PostgreSQL pool of %r", self, exc_info=True)
+                pool.terminate()
+
+    @contextlib.asynccontextmanager
+    async def _connection(self, what: str) -> AsyncIterator[asyncpg.Connection]:
+        """A pool connection; database and network errors become StoreError."""
+        self._check_open()
+        pool = self._pool
+        if pool is None:
+            raise StoreError(f"{self!r} has no connection pool")
+        try:
+            async with pool.acquire() as conn:
+                yield conn
+        except StoreError:
+            raise
+        except DB_ERRORS as exc:
+            raise StoreError(f"PostgreSQL {what} failed: {exc}") from exc
+
+    async def _read(self, what: str, query: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """Run an idempotent read; once more on a fresh connection if the first one had died.
+
+        After PostgreSQL restarts, the pool may hand out a connection whose death the event loop
+        has not noticed yet; the pool replaces it on the next acquire.
+        """
+        try:
+            async with self._connection(what) as conn:
+                return await query(conn)
+        except StoreError as exc:
+            if not isinstance(exc.__cause__, CONNECTION_LOST) and not _closed_interface(exc):
+                raise
+            log.info("PostgreSQL %s: connection lost (%r), retrying once", what, exc.__cause__)
+        async with self._connection(what) as conn:
+            return await query(conn)
+
+    async def _writable(self) -> asyncpg.Connection:
+        """The writer connection; checked after a failed batch and replaced if broken."""
+        writer = self._writer
+        if writer is not None and (writer.is_closed() or self._writer_suspect):
+            try:
+                if writer.is_closed():
+                    raise ConnectionError("closed")
+                await writer.fetchval("SELECT 1", timeout=min(5.0, self.command_timeout))
+            except Exception:
+                log.warning("reconnecting the PostgreSQL writer of %r", self)
+                self._writer = None
+                await _close_quietly(writer)
+        if self._writer is None:
+            self._writer = await self._connect_writer()
+        self._writer_suspect = False
+        return self._writer
+
+    # -- the flusher's transaction ---------------------------------------------------------
+
+    async def _write_batch(self, batch: list[Pending]) -> list[int]:
+        rooms = [p.room for p in batch]
+        keys = sorted({lock_key(self._namespace, room) for room in rooms})
+        new_rooms = sorted(set(rooms) - self._known_rooms)
+        async with self._write_lock:
+            conn = await self._writable()
+            async with conn.transaction():
+                await conn.execute(LOCK_ROOMS, LOCK_APPEND, keys)
+                rows = await conn.fetch(
+                    INSERT_BATCH,
+                    rooms,
+                    [p.data for p in batch],
+                    [p.author for p in batch],
+                    [p.ts for p in batch],
+                )
+                if new_rooms:
+                    await conn.execute(INSERT_ROOMS, new_rooms, time.time())
+        if len(self._known_rooms) + len(new_rooms) > KNOWN_ROOMS_CACHE:
+            self._known_rooms.clear()
+        self._known_rooms.update(new_rooms)
+        return sorted(int(row[0]) for row in rows)
+
+    def _write_failed(self, exc: BaseException) -> None:
+        self._writer_suspect = True
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def _read_room(self, room: str) -> tuple[bytes | None, int, list[tuple[int, bytes]]]:
+        rows = await self._read("load", lambda conn: conn.fetch(READ_ROOM, room))
+        return _split_room(rows)
+
+    async def load(self, room: str) -> RoomState:
+        check_room(room)
+        snapshot, upto_id, tail = await self._read_room(room)
+        updates = [data for _, data in tail]
+        return RoomState(
+            snapshot=snapshot,
+            updates=updates,
+            last_id=tail[-1][0] if tail else upto_id,
+            tail_bytes=sum(len(u) for u in updates),
+        )
+
+    async def history(
+        self,
+        room: str,
+        *,
+        after_id: int = 0,
+        before_id: int | None = None,
+        limit: int = 1000,
+        author: str | None = None,
+    ) -> list[StoredUpdate]:
+        check_room(room)
+        check_history_args(after_id, before_id, limit, author)
+        sql = "SELECT id, data, author, ts FROM updates WHERE room = $1 AND id > $2"
+        args: list[Any] = [room, max(0, after_id)]
+        if before_id is not None:
+            args.append(before_id)
+            sql += f" AND id < ${len(args)}"
+        if author is not None:
+            args.append(author)
+            sql += f" AND author = ${len(args)}"
+        args.append(limit)
+        sql += f" ORDER BY id LIMIT ${len(args)}"
+        rows = await self._read("history", lambda conn: conn.fetch(sql, *args))
+        return [
+            StoredUpdate(id=int(i), room=room, data=bytes(d), author=a, ts=float(t))
+            for i, d, a, t in rows
+        ]
+
+    async def rooms(self, prefix: str = "") -> list[str]:
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be str, not {type(prefix).__name__}")
+        upper = prefix_upper_bound(prefix) if prefix else None
+        if upper is None:
+            sql, args = "SELECT name FROM rooms WHERE name >= $1 ORDER BY name", [prefix]
+        else:
+            sql = "SELECT name FROM rooms WHERE name >= $1 AND name < $2 ORDER BY name"
+            args = [prefix, upper]
+        rows = await self._read("rooms", lambda conn: conn.fetch(sql, *args))
+        return [row[0] for row in rows]
+
+    async def ping(self) -> None:
+        await self._read("ping", lambda conn: conn.fetchval("SELECT 1"))
+        self._check_flusher()
+        if self._writer_suspect:  # the last commit failed: can the writer reach the server again?
+            try:
+                async with self._write_lock:
+                    await self._writable()
+            except DB_ERRORS as exc:
+                raise StoreError(f"PostgreSQL writer unavailable: {exc}") from exc
+
+    # -- metadata ----------------------------------------------------------------------------
+
+    async def get_meta(self, room: str, key: str) -> bytes | None:
+        check_room(room)
+        check_meta_key(key)
+        value = await self._read(
+            "get_meta",
+            lambda conn: conn.fetchval(
+                "SELECT value FROM meta WHERE room = $1 AND key = $2", room, key
+            ),
+        )
+        return None if value is None else bytes(value)
+
+    async def list_meta(self, room: str, prefix: str = "") -> dict[str, bytes]:
+        check_room(room)
+        check_meta_prefix(prefix)
+        upper = prefix_upper_bound(prefix) if prefix else None
+        sql = "SELECT key, value FROM meta WHERE room = $1 AND key >= $2"
+        args = [room, prefix]
+        if upper is not None:
+            sql += " AND key < $3"
+            args.append(upper)
+        rows = await self._read("list_meta", lambda conn: conn.fetch(sql + " ORDER BY key", *args))
+        return {row[0]: bytes(row[1]) for row in rows}
+
+    async def put_meta(self, room: str, key: str, value: bytes | None) -> None:
+        check_room(room)
+        check_meta_key(key)
+        check_meta_value(value)
+        full = False
+        async with self._connection("put_meta") as conn:
+            async with conn.transaction():
+                if value is None:
+                    await conn.execute("DELETE FROM meta WHERE room = $1 AND key = $2", room, key)
+                    return
+                status = await conn.execute(
+                    "UPDATE meta SET value = $3, updated_at = $4 WHERE room = $1 AND key = $2",
+                    room,
+                    key,
+                    value,
+                    time.time(),
+                )
+                if status == "UPDATE 0":
+                    # A new key: count the room's keys with its meta lock held, so that writers on
+                    # other nodes cannot both squeeze past the bound.
+                    await conn.execute(
+                        "SELECT pg_advisory_xact_lock($1, $2)",
+                        LOCK_META,
+                        lock_key(self._namespace, room),
+                    )
+                    count = await conn.fetchval("SELECT count(*) FROM meta WHERE room = $1", room)
+                    if count >= MAX_META_KEYS:
+                        full = True
+                    else:
+                        await conn.execute(
+                            "INSERT INTO meta (room, key, value, updated_at) VALUES ($1, $2, $3, $4)"
+                            " ON CONFLICT (room, key) DO UPDATE"
+                            " SET value = excluded.value, updated_at = excluded.updated_at",
+                            room,
+                            key,
+                            value,
+                            time.time(),
+                        )
+        if full:
+            raise ValueError(f"room {room!r} already holds {MAX_META_KEYS} meta keys")
+
+    # -- compaction --------------------------------------------------------------------------
+
+    async def compact(self, room: str) -> bool:
+        check_room(room)
+        self._check_open()
+        key = lock_key(self._namespace, room)
+        async with self._compactions, self._connection("compaction") as conn:
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", LOCK_COMPACT, key):
+                return False  # another node (or task) is compacting this room right now
+            try:
+                snapshot, upto_id, tail = _split_room(await conn.fetch(READ_ROOM, room))
+                if not tail:
+                    return False
+                new_upto_id = tail[-1][0]
+                try:
+                    folded = await asyncio.to_thread(fold_updates, snapshot, [d for _, d in tail])
+                except Exception as exc:  # pycrdt refused a stored update: leave the rows alone
+                    raise StoreError(f"cannot fold room {room!r}: {exc}") from exc
+                async with conn.transaction():
+                    status = await conn.execute(
+                        UPSERT_SNAPSHOT, room, folded, new_upto_id, time.time(), upto_id
+                    )
+                    if status != "INSERT 0 1":
+                        return False  # someone without the lock moved upto_id: theirs stands
+                    await conn.execute(PRUNE, room, new_upto_id, self.history_keep)
+                return True
+            finally:
+                if not conn.is_closed():
+                    with contextlib.suppress(Exception):  # the pool's reset unlocks it anyway
+                        await conn.execute("SELECT pg_advisory_unlock($1, $2)", LOCK_COMPACT, key)
+
+
+def _closed_interface(exc: StoreError) -> bool:
+    cause = exc.__cause__
+    return isinstance(cause, asyncpg.InterfaceError) and "closed" in str(cause)
+
+
+def _split_room(rows: list[Any]) -> tuple[bytes | None, int, list[tuple[int, bytes]]]:
+    snapshot: bytes | None = None
+    upto_id = 0
+    tail: list[tuple[int, bytes]] = []
+    for kind, row_id, data in rows:
+        if kind == 0:
+            snapshot, upto_id = bytes(data), int(row_id)
+        else:
+            tail.append((int(row_id), bytes(data)))
+    return snapshot, upto_id, tail
+
+
+async def _close_quietly(conn: asyncpg.Connection) -> None:
+    try:
+        await asyncio.wait_for(conn.close(), 5)
+    except Exception:  # already broken: nothing left to release
+        conn.terminate()
