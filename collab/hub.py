@@ -28,7 +28,7 @@ from collab.bus import Bus, BusMessage
 from collab.connection import Connection
 from collab.logs import get_logger
 from collab.metrics import Metrics
-from collab.room import EMPTY_UPDATE, Room, pack_awareness
+from collab.room import EMPTY_UPDATE, Room
 from collab.services import Service
 from collab.settings import Settings
 from storage import Store
@@ -248,7 +248,7 @@ class Hub:
             node = message.payload.decode()
             self.log.warning("peer node down; removing its presence", peer=node)
             for room in list(self.rooms.values()):
-                room.forget_node(node)
+                room.presence.on_node_down(node)
             return
         if kind == CONTROL_RESYNC:
             targets = [self.rooms[message.room]] if message.room in self.rooms else (
@@ -294,10 +294,9 @@ class Hub:
         def reply() -> None:
             diff = room.doc.get_update(state_vector)
             body: dict[str, Any] = {"update": b"" if diff == EMPTY_UPDATE else diff}
-            local = room.local_awareness()
             if ask_back:
                 body["sv"] = room.doc.get_state()
-                body["awareness"] = pack_awareness(local) if local else b""
+                body["awareness"] = room.presence.local_entries()
             elif not body["update"]:
                 return
             self.bus.publish(room.name, "sync-reply", msgpack.packb(body), target=node)
@@ -324,7 +323,7 @@ class Hub:
                 conn.last_sent = now
                 conn.send(protocol.KEEPALIVE_FRAME)
         for room in list(self.rooms.values()):
-            room.expire_awareness(s.awareness_timeout_seconds)
+            room.presence.expire(s.awareness_timeout_seconds)
         if now - self._last_resync >= s.resync_seconds:
             self._last_resync = now
             for room in list(self.rooms.values()):

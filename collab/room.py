@@ -27,13 +27,11 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import msgpack
 import pycrdt
 
 from collab import closecodes, protocol
 from collab.protocol import (
     AuthMessage,
-    AwarenessEntry,
     AwarenessUpdate,
     ExtensionMessage,
     Message,
@@ -44,7 +42,7 @@ from collab.protocol import (
     SyncUpdate,
 )
 from collab.services import Service
-from presence import RoomAwareness
+from presence import RoomPresence
 
 if TYPE_CHECKING:
     from collab.bus import Bus
@@ -102,8 +100,9 @@ class Room:
         self.clock = clock
         self.log = log.bind(room=name)
         self.members: set[Connection] = set()
-        self.awareness = RoomAwareness()
-        self.max_client_ids = max_client_ids
+        self.presence = RoomPresence(
+            broadcast=self._broadcast, publish=lambda payload: bus.publish(name, "awareness", payload),
+            clock=clock, max_client_ids=max_client_ids, on_rejected=metrics.awareness_rejected.inc)
         self.empty_since: float | None = clock()
         self.poisoned = False
         self.tail_updates = tail_updates
@@ -129,9 +128,7 @@ class Room:
         self.empty_since = None
         self.metrics.connections.inc()
         conn.send(protocol.encode_sync_step1(self.doc.get_state()))
-        entries = self.awareness.snapshot()
-        if entries:
-            conn.send(protocol.encode_awareness(entries))
+        self.presence.on_join(conn)
         for service in self.services:
             service.on_join(self, conn)
 
@@ -140,9 +137,7 @@ class Room:
             return
         self.members.discard(conn)
         self.metrics.connections.dec()
-        removed = self.awareness.remove_owner(conn, self.clock())
-        if removed:
-            self._broadcast_awareness(removed, exclude=None)
+        self.presence.on_leave(conn)
         for service in self.services:
             service.on_leave(self, conn)
         if not self.members:
@@ -179,16 +174,9 @@ class Room:
         elif isinstance(message, SyncStep1):
             self.reply_after_durable(conn, protocol.encode_sync_step2(self.doc.get_update(message.state_vector)))
         elif isinstance(message, AwarenessUpdate):
-            result = self.awareness.apply(conn, conn.identity.user_id, message.entries, self.clock(),
-                                          max_ids=self.max_client_ids)
-            if result.rejected:
-                self.metrics.awareness_rejected.inc(result.rejected)
-            if result.over_limit:
-                raise ProtocolError("too many awareness client ids", closecodes.BAD_MESSAGE)
-            if result.changed:
-                self._broadcast_awareness(result.changed, exclude=conn, user=conn.identity.user_id)
+            self.presence.on_message(conn, message.entries)
         elif isinstance(message, QueryAwareness):
-            conn.send(protocol.encode_awareness(self.awareness.snapshot()))
+            self.presence.on_query(conn)
         elif isinstance(message, ExtensionMessage):
             service = self._by_type.get(message.type)
             if service is None:
@@ -200,22 +188,10 @@ class Room:
         elif isinstance(message, AuthMessage):
             pass  # clients have nothing to tell us here; the token is the only credential
 
-    def _broadcast_awareness(self, entries: list[AwarenessEntry], exclude: Connection | None,
-                             user: str | None = None) -> None:
-        frame = protocol.encode_awareness(entries)
+    def _broadcast(self, frame: bytes, exclude: Connection | None) -> None:
         for member in self.members:
             if member is not exclude:
                 member.send(frame)
-        self.bus.publish(self.name, "awareness", pack_awareness([(e, user or "") for e in entries]))
-
-    def local_awareness(self) -> list[tuple[AwarenessEntry, str]]:
-        """This node's own members' awareness entries with their users (for peers)."""
-        return self.awareness.owned_entries(lambda owner: not isinstance(owner, tuple))
-
-    def expire_awareness(self, timeout: float) -> None:
-        removed = self.awareness.expire(self.clock(), timeout)
-        if removed:
-            self._broadcast_awareness(removed, exclude=None)
 
     # -- the funnel ----------------------------------------------------------------------------
 
@@ -349,35 +325,7 @@ class Room:
             self.log.warning("peer update rejected")
 
     def deliver_awareness(self, node: str, payload: bytes) -> None:
-        """Awareness from another node: tracked (owner = that node) and relayed locally only."""
         try:
-            pairs = unpack_awareness(payload)
-        except Exception:
+            self.presence.on_peer(node, payload)
+        except Exception:  # noqa: BLE001 - a malformed peer message is dropped, not fatal
             self.log.warning("bad awareness payload from peer", peer=node)
-            return
-        owner = ("node", node)
-        now = self.clock()
-        changed: list[AwarenessEntry] = []
-        for entry, user in pairs:
-            changed += self.awareness.apply(owner, user, (entry,), now).changed
-        if changed:
-            frame = protocol.encode_awareness(changed)
-            for member in self.members:
-                member.send(frame)
-
-    def forget_node(self, node: str) -> None:
-        """A peer node died: its clients' cursors vanish here too."""
-        removed = self.awareness.remove_owner(("node", node), self.clock())
-        if removed:
-            frame = protocol.encode_awareness(removed)
-            for member in self.members:
-                member.send(frame)
-
-
-def pack_awareness(pairs: list[tuple[AwarenessEntry, str]]) -> bytes:
-    return msgpack.packb([[e.client_id, e.clock, e.state, user] for e, user in pairs])
-
-
-def unpack_awareness(payload: bytes) -> list[tuple[AwarenessEntry, str]]:
-    rows = msgpack.unpackb(payload)
-    return [(AwarenessEntry(int(cid), int(clock), str(state)), str(user)) for cid, clock, state, user in rows]

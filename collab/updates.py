@@ -393,6 +393,7 @@ _NAMED_TYPE_REFS = (3, 5)  # YXmlElement (nodeName), YXmlHook (hookName): a varS
 _MAX_TYPE_REF = 6  # YXmlText; Yjs 13.6 knows type refs 0..6 only
 _CLOCK_RANGE = "clock out of range"
 _COUNT = "count larger than the frame"
+_EMPTY = "empty struct"
 
 
 def _scan_update(data: bytes, max_depth: int, graph: _TypeGraph | None) -> int:
@@ -444,6 +445,8 @@ def _scan_update(data: bytes, max_depth: int, graph: _TypeGraph | None) -> int:
                 pos += 1
                 if length >= 0x80:
                     length, pos = _varuint_tail(data, pos, length)
+                elif not length:
+                    raise InvalidUpdate(_EMPTY)
                 if graph is not None:
                     graph.add(client, clock, clock + length, False, None, ())
                 clock += length
@@ -560,6 +563,8 @@ def _scan_update(data: bytes, max_depth: int, graph: _TypeGraph | None) -> int:
                 length = 1
             else:
                 raise InvalidUpdate("unknown content ref")
+            if not length:  # "", [], Deleted(0): yrs panics on such blocks
+                raise InvalidUpdate(_EMPTY)
 
             if graph is not None:
                 neighbours = tuple((c, k) for c, k in ((oc, ok), (rc, rk)) if c >= 0)
@@ -592,6 +597,8 @@ def _scan_update(data: bytes, max_depth: int, graph: _TypeGraph | None) -> int:
                 length, pos = _varuint_tail(data, pos, length)
             if clock + length > MAX_CLOCK:
                 raise InvalidUpdate(_CLOCK_RANGE)
+            if not length:
+                raise InvalidUpdate("empty delete range")
 
     if pos != n_data:
         raise InvalidUpdate("trailing bytes after the update")

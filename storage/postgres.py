@@ -317,25 +317,35 @@ class PostgresStore(GroupCommitStore):
             raise StoreError(f"PostgreSQL {what} failed: {exc}") from exc
 
     async def _read(self, what: str, query: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-        """Run an idempotent read; once more on a fresh connection if the first one had died.
+        """Run an idempotent read, on another connection if the one it got turns out dead.
 
-        After PostgreSQL restarts, the pool may hand out a connection whose death the event loop
-        has not noticed yet; the pool replaces it on the next acquire.
+        After PostgreSQL restarts (or terminates backends) every idle pooled connection is dead,
+        but the pool only learns it when the event loop reads each socket's EOF; a query on one
+        fails. A read is safe to repeat, so it retries -- at most once per pooled connection, and
+        never when connecting itself failed (the server is down: fail fast).
         """
-        try:
-            async with self._connection(what) as conn:
-                return await query(conn)
-        except StoreError as exc:
-            if not isinstance(exc.__cause__, CONNECTION_LOST) and not _closed_interface(exc):
-                raise
-            log.info("PostgreSQL %s: connection lost (%r), retrying once", what, exc.__cause__)
-        async with self._connection(what) as conn:
-            return await query(conn)
+        attempts = self.pool_size + 1
+        for attempt in range(1, attempts + 1):
+            self._check_open()
+            pool = self._pool
+            if pool is None:
+                raise StoreError(f"{self!r} has no connection pool")
+            try:
+                async with pool.acquire() as conn:
+                    try:
+                        return await query(conn)
+                    except DB_ERRORS as exc:
+                        if attempt == attempts or not await _lost(conn, exc):
+                            raise
+                        log.info("PostgreSQL %s: connection lost (%r), retrying", what, exc)
+            except DB_ERRORS as exc:
+                raise StoreError(f"PostgreSQL {what} failed: {exc}") from exc
+        raise AssertionError("unreachable")
 
     async def _writable(self) -> asyncpg.Connection:
         """The writer connection; checked after a failed batch and replaced if broken."""
         writer = self._writer
-        if writer is not None and (writer.is_closed() or self._writer_suspect):
+        if writer is not None and (writer.is_closed() or self._writer_suspect):  # no round trip
             try:
                 if writer.is_closed():
                     raise ConnectionError("closed")
@@ -540,9 +550,12 @@ class PostgresStore(GroupCommitStore):
                         await conn.execute("SELECT pg_advisory_unlock($1, $2)", LOCK_COMPACT, key)
 
 
-def _closed_interface(exc: StoreError) -> bool:
-    cause = exc.__cause__
-    return isinstance(cause, asyncpg.InterfaceError) and "closed" in str(cause)
+async def _lost(conn: asyncpg.Connection, exc: BaseException) -> bool:
+    """Whether ``exc`` means the connection died (rather than the statement failing)."""
+    if isinstance(exc, CONNECTION_LOST):
+        return True
+    await asyncio.sleep(0)  # one loop turn: a socket already at EOF is noticed and closed
+    return conn.is_closed()
 
 
 def _split_room(rows: list[Any]) -> tuple[bytes | None, int, list[tuple[int, bytes]]]:
