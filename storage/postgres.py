@@ -136,7 +136,7 @@ CONNECTION_LOST: tuple[type[BaseException], ...] = (
 
 T = TypeVar("T")
 
-LOCK_ROOMS = "SELECT pg_advisory_xact_lock($1, k) FROM unnest($2::int4[]) AS k"
+LOCK_ROOMS = "SELECT $1::int4, $2::int4[]"
 INSERT_BATCH = """
     INSERT INTO updates (room, data, author, ts)
     SELECT room, data, author, ts
