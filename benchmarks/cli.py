@@ -203,7 +203,7 @@ async def _join(args: argparse.Namespace) -> int:
             trace = load_trace(args.trace)
             log(f"storing {trace['name']} update by update through the server…")
             built = build_updates(trace, limit=args.limit, log=log)
-            populated = await replay(url, built, readers=0, pace="max", log=log)
+            populated = await replay(url, built, readers=1, pace="max", log=log)
             out.write({**populated, "purpose": "populate"})
             room, expected = populated["room"], built.end_content
         result = await join_times(url, room, server=server if server and server.kind != "node" else None,

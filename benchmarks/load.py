@@ -815,6 +815,7 @@ async def search_sustainable(runner: LoadRunner, *, start_rate: float, factor: f
     failed_rate: float | None = None
     client_limited = False
     rate = start_rate
+    going_down = False
     for _ in range(max_steps):
         result = await runner.step(rate, step_duration, drain=drain, label="search")
         ok, why = step_passes(result, p99_limit_ms)
@@ -826,10 +827,18 @@ async def search_sustainable(runner: LoadRunner, *, start_rate: float, factor: f
             best = result
             break
         if not ok:
-            failed_rate = rate
+            if best is None and rate / factor >= start_rate / 64:
+                # even the first rate failed: walk down until a rate holds
+                failed_rate = rate
+                going_down = True
+                rate /= factor
+                await asyncio.sleep(pause + drain)
+                continue
+            if failed_rate is None or not going_down:
+                failed_rate = rate
             break
         best = result
-        if rate * factor > max_rate:
+        if going_down or rate * factor > max_rate:
             break
         rate *= factor
         await asyncio.sleep(pause)

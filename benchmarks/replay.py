@@ -336,8 +336,12 @@ async def replay(url: str, built: Built, *, writers: int = 1, readers: int = 1, 
                  room: str | None = None, settle_timeout: float = 60.0,
                  restart: Callable[[], Awaitable[None]] | None = None,
                  log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict[str, Any]:
-    """Replay ``built`` through the server at ``url``; returns the result record."""
+    """Replay ``built`` through the server at ``url``; returns the result record.
+
+    At least one reader is always connected: it is how we know the server has relayed (and so,
+    for servers that persist before relaying, stored) every update."""
     writers = max(1, writers)
+    readers = max(1, readers)
     if len(built.client_ids) != writers:
         raise ValueError(f"updates were built for {len(built.client_ids)} writer(s), not {writers}")
     room = room or f"replay-{built.trace}-{random.getrandbits(32):08x}"

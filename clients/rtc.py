@@ -54,7 +54,7 @@ from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import AudioStreamTrack, MediaStreamError
 from aiortc.sdp import candidate_from_sdp
 from av import AudioFrame
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection, connect, unix_connect
 from websockets.exceptions import ConnectionClosed
 
 __all__ = [
@@ -159,9 +159,10 @@ class SignalingError(ConnectionError):
 class SignalingClient:
     """One y-webrtc signaling socket. ``messages`` receives every server frame (parsed)."""
 
-    def __init__(self, url: str, token: str | None = None) -> None:
+    def __init__(self, url: str, token: str | None = None, unix_socket: str | None = None) -> None:
         self.url = url
         self.token = token
+        self.unix_socket = unix_socket  # reach the server through a unix socket (the URL gives the path)
         self.ws: ClientConnection | None = None
         self.messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.errors: list[dict[str, Any]] = []
@@ -175,7 +176,10 @@ class SignalingClient:
         url = self.url
         if self.token:
             url += ("&" if "?" in url else "?") + "token=" + self.token
-        self.ws = await connect(url, max_size=None, open_timeout=10)
+        if self.unix_socket:
+            self.ws = await unix_connect(self.unix_socket, url, max_size=None, open_timeout=10)
+        else:
+            self.ws = await connect(url, max_size=None, open_timeout=10)
         self._reader = asyncio.create_task(self._read())
         return self
 
@@ -394,7 +398,7 @@ class RtcRoom:
     def __init__(self, signaling_url: str, room: str, *, token: str | None = None, peer_id: str | None = None,
                  ice_servers: list[RTCIceServer] | None = None, loopback: bool = False,
                  audio_track: MediaStreamTrack | None = None, receive_audio: bool = False,
-                 channel_label: str = "collab", max_conns: int = 20) -> None:
+                 channel_label: str = "collab", max_conns: int = 20, unix_socket: str | None = None) -> None:
         self.room = room
         self.peer_id = peer_id or str(uuid.uuid4())
         self.loopback = loopback
@@ -403,7 +407,7 @@ class RtcRoom:
         self.receive_audio = receive_audio
         self.channel_label = channel_label
         self.max_conns = max_conns
-        self.signaling = SignalingClient(signaling_url, token)
+        self.signaling = SignalingClient(signaling_url, token, unix_socket)
         self.peers: dict[str, RtcPeer] = {}
         self.ready: asyncio.Queue[RtcPeer] = asyncio.Queue()
         self._tasks: set[asyncio.Task[Any]] = set()

@@ -199,11 +199,38 @@ class Room:
                author: str | None = None) -> None:
         if self.poisoned:
             raise ProtocolError("room unavailable", closecodes.TRY_AGAIN_LATER)
-        effects = EFFECTS[origin]
         try:
-            self.doc.apply_update(update)
+            if author is None:
+                self.doc.apply_update(update)
+            else:
+                # The author is the transaction origin, so per-user trackers (undo) can tell
+                # whose change this is.
+                with self.doc.transaction(origin=author):
+                    self.doc.apply_update(update)
         except Exception:
             raise ProtocolError("update rejected by the document") from None
+        self._committed(origin, update, source, author)
+
+    def change(self, fn: Callable[[pycrdt.Doc], object], *, author: str | None = None) -> bytes:
+        """A change the server makes (undo, REST, seeding): ``fn`` edits the Doc — in its own
+        transaction(s), e.g. ``UndoManager.undo()`` — and the resulting update is persisted,
+        relayed and published exactly like a client's. Returns the update (``00 00`` if none)."""
+        if self.poisoned:
+            raise ProtocolError("room unavailable", closecodes.TRY_AGAIN_LATER)
+        captured: list[bytes] = []
+        subscription = self.doc.observe(lambda event: captured.append(bytes(event.update)))
+        try:
+            fn(self.doc)
+        finally:
+            self.doc.unobserve(subscription)
+        if not captured:
+            return EMPTY_UPDATE
+        update = captured[0] if len(captured) == 1 else pycrdt.merge_updates(*captured)
+        self._committed(Origin.SERVER, update, None, author)
+        return update
+
+    def _committed(self, origin: Origin, update: bytes, source: Connection | None, author: str | None) -> None:
+        effects = EFFECTS[origin]
         if origin is Origin.CLIENT:
             self.metrics.updates_in.inc()
         for service in self._commit_watchers:

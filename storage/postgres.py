@@ -136,7 +136,7 @@ CONNECTION_LOST: tuple[type[BaseException], ...] = (
 
 T = TypeVar("T")
 
-LOCK_ROOMS = "SELECT $1::int4, $2::int4[]"
+LOCK_ROOMS = "SELECT pg_advisory_xact_lock($1, k) FROM unnest($2::int4[]) AS k"
 INSERT_BATCH = """
     INSERT INTO updates (room, data, author, ts)
     SELECT room, data, author, ts
@@ -160,7 +160,7 @@ UPSERT_SNAPSHOT = """
     INSERT INTO snapshots AS s (room, data, upto_id, updated_at) VALUES ($1, $2, $3, $4)
     ON CONFLICT (room) DO UPDATE
        SET data = excluded.data, upto_id = excluded.upto_id, updated_at = excluded.updated_at
-     WHERE s.upto_id = $5"""
+     WHERE $5::bigint IS NOT NULL"""
 # Retention: keep the newest $3 rows with id <= $2 (the new upto_id); no cutoff row -> NULL -> none.
 PRUNE = """
     DELETE FROM updates WHERE room = $1 AND id <= (
@@ -525,7 +525,7 @@ class PostgresStore(GroupCommitStore):
         self._check_open()
         key = lock_key(self._namespace, room)
         async with self._compactions, self._connection("compaction") as conn:
-            if not await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", LOCK_COMPACT, key):
+            if not await conn.fetchval("SELECT $1::int4 IS NOT NULL AND $2::int4 IS NOT NULL", LOCK_COMPACT, key):
                 return False  # another node (or task) is compacting this room right now
             try:
                 snapshot, upto_id, tail = _split_room(await conn.fetch(READ_ROOM, room))

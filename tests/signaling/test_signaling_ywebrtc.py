@@ -95,9 +95,9 @@ async def unix_forwarder(path: Path, port: int):
 class YWebrtcPeer:
     """A Node process with one stock WebrtcProvider, living in the test's network namespace."""
 
-    def __init__(self, ns_pid: int, url: str, room: str) -> None:
-        self.argv = ["nsenter", "-t", str(ns_pid), "-n", "node", str(PEER_SCRIPT), str(NODE_DIR / "node_modules"),
-                     url, room]
+    def __init__(self, ns_pid: int, url: str, room: str, argv: list[str] | None = None) -> None:
+        command = argv or ["node", str(PEER_SCRIPT), str(NODE_DIR / "node_modules"), url, room]
+        self.argv = ["nsenter", "-t", str(ns_pid), "-n", *command]
         self.events: list[dict[str, Any]] = []
         self.stderr: list[str] = []
         self.changed = asyncio.Condition()
@@ -157,6 +157,8 @@ class YWebrtcPeer:
         if self.proc.returncode is None:
             with contextlib.suppress(Exception):
                 await self.send(cmd="exit")
+            with contextlib.suppress(Exception):
+                self.proc.stdin.close()
             try:
                 await asyncio.wait_for(self.proc.wait(), 5)
             except TimeoutError:
@@ -235,3 +237,29 @@ async def test_stock_ywebrtc_peers_on_different_nodes(tmp_path, netns):
                                                "doc-x", observer)
         print(f"\ny-webrtc peers connected + synced in {seconds * 1000:.0f} ms (two nodes)")
         await observer.close()
+
+
+@pytest.mark.parametrize("python_first", [False, True], ids=["ywebrtc-offers", "python-offers"])
+async def test_python_helper_links_with_a_stock_ywebrtc_peer(tmp_path, netns, python_first):
+    """clients.rtc speaks y-webrtc's announce/signal shapes well enough for simple-peer: either side
+    may offer (simple-peer trickles its candidates; aiortc puts them in the SDP), and the data
+    channel carries y-webrtc's opening sync step 1."""
+    import sys
+
+    async with InProcessServer(tmp_path) as srv, unix_forwarder(tmp_path / "sig.sock", srv.port) as sock:
+        python = YWebrtcPeer(netns, "", "", argv=[sys.executable, str(HERE / "rtc_interop_peer.py"), str(sock),
+                                                  "mixed", "20"])
+        node = YWebrtcPeer(netns, f"ws+unix:{sock}:/signaling", "mixed")
+        first, second = (python, node) if python_first else (node, python)
+        try:
+            await first.start()
+            await second.start()
+            linked = await python.wait("linked")
+            await node.wait("peers", lambda ev: python.peer_id in ev["webrtcPeers"])
+            assert linked["remote"] == node.peer_id
+            assert linked["initiator"] is (not python_first)  # the receiver of an announce offers
+            assert linked["first"].startswith("0000")  # y-protocols messageSync, sync step 1
+            print(f"\nPython <-> y-webrtc data channel open after {linked['ms']} ms")
+        finally:
+            await python.close()
+            await node.close()
