@@ -37,11 +37,11 @@ import math
 import random
 import time
 import uuid
+from array import array
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import aioice.ice
-import numpy as np
 from aiortc import (
     MediaStreamTrack,
     RTCConfiguration,
@@ -64,8 +64,8 @@ __all__ = [
 
 # -- loopback (test) mode --------------------------------------------------------------------------
 
-_original_get_host_addresses = aioice.ice.get_host_addresses
 _loopback_users = 0
+_saved_get_host_addresses: Callable[[bool, bool], list[str]] | None = None
 
 
 def _loopback_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
@@ -75,16 +75,18 @@ def _loopback_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
 @contextlib.contextmanager
 def restrict_to_loopback() -> Iterator[None]:
     """Gather ICE host candidates on 127.0.0.1 only, for the duration (process-wide: aioice
-    reads its interface list from a module function). Nestable."""
-    global _loopback_users
+    reads its interface list from a module function). Nestable; restores what it replaced."""
+    global _loopback_users, _saved_get_host_addresses
+    if _loopback_users == 0:
+        _saved_get_host_addresses = aioice.ice.get_host_addresses
     _loopback_users += 1
     aioice.ice.get_host_addresses = _loopback_addresses
     try:
         yield
     finally:
         _loopback_users -= 1
-        if _loopback_users == 0:
-            aioice.ice.get_host_addresses = _original_get_host_addresses
+        if _loopback_users == 0 and _saved_get_host_addresses is not None:
+            aioice.ice.get_host_addresses = _saved_get_host_addresses
 
 
 # -- ICE configuration --------------------------------------------------------------------------
@@ -136,9 +138,11 @@ class ToneTrack(AudioStreamTrack):
             wait = self._start + self._pts / self.sample_rate - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
-        t = (np.arange(self._samples) + self._pts) / self.sample_rate
-        pcm = (np.sin(2 * math.pi * self.frequency * t) * self.amplitude * 32767).astype(np.int16)
-        frame = AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
+        step = 2 * math.pi * self.frequency / self.sample_rate
+        scale = self.amplitude * 32767
+        pcm = array("h", (int(math.sin(step * (self._pts + i)) * scale) for i in range(self._samples)))
+        frame = AudioFrame(format="s16", layout="mono", samples=self._samples)
+        frame.planes[0].update(pcm.tobytes())
         frame.sample_rate = self.sample_rate
         frame.pts = self._pts
         frame.time_base = fractions.Fraction(1, self.sample_rate)
@@ -411,6 +415,7 @@ class RtcRoom:
         self.peers: dict[str, RtcPeer] = {}
         self.ready: asyncio.Queue[RtcPeer] = asyncio.Queue()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._locks: dict[str, asyncio.Lock] = {}
         self._loopback_cm: contextlib.AbstractContextManager[None] | None = None
         self._relay = MediaRelay() if audio_track is not None else None
 
@@ -463,6 +468,12 @@ class RtcRoom:
         self._spawn(self._handle(sender, data))
 
     async def _handle(self, sender: str, data: dict[str, Any]) -> None:
+        # One remote peer's messages are handled in arrival order (an offer before its candidates);
+        # different peers proceed independently. Tasks start in creation order and asyncio.Lock is FIFO.
+        async with self._locks.setdefault(sender, asyncio.Lock()):
+            await self._handle_in_order(sender, data)
+
+    async def _handle_in_order(self, sender: str, data: dict[str, Any]) -> None:
         try:
             kind = data.get("type")
             if kind == "announce":

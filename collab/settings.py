@@ -66,6 +66,19 @@ class Settings:
     compact_after_bytes: int = field(default=1024 * 1024, metadata={"help": "…or past this many bytes"})
     sqlite_synchronous: str = field(default="FULL", metadata={"help": "FULL (power-loss safe) or NORMAL (crash safe)"})
 
+    # WebRTC signaling (/signaling) and ICE configuration (/api/rtc/config).
+    stun_urls: str = field(default="", metadata={"help": "comma-separated stun: URLs handed to WebRTC peers"})
+    turn_urls: str = field(default="", metadata={"help": "comma-separated turn:/turns: URLs"})
+    turn_secret: str | None = field(default=None, metadata={"help": "TURN REST shared secret (coturn static-auth-secret)"})
+    turn_ttl: int = field(default=86400, metadata={"help": "lifetime of generated TURN credentials, seconds"})
+    signaling_max_topics: int = field(default=64, metadata={"help": "topics per signaling connection"})
+    signaling_max_message_bytes: int = field(default=65536, metadata={"help": "largest signaling frame (close 4413)"})
+    signaling_rate: float = field(default=50.0, metadata={"help": "signaling frames per second per connection"})
+    signaling_burst: int = field(default=200, metadata={"help": "signaling frames allowed in a burst"})
+    signaling_max_bad_frames: int = field(default=10, metadata={"help": "bad signaling frames answered before close 4400"})
+    signaling_outbox_frames: int = field(default=1024, metadata={"help": "frames queued to a slow signaling reader before 1013"})
+    signaling_outbox_bytes: int = field(default=4 * 1024 * 1024, metadata={"help": "bytes queued to a slow signaling reader before 1013"})
+
     ws_impl: str = field(default="websockets-sansio", metadata={"help": "uvicorn websocket implementation"})
 
     @property
@@ -90,11 +103,17 @@ class Settings:
         check(self.outbox_max_bytes >= self.max_frame_bytes, "--outbox-max-bytes must be at least --max-frame-bytes")
         for name in ("max_depth", "max_connections", "outbox_max_frames", "rate_burst", "max_inflight",
                      "max_awareness_entries", "max_awareness_state_bytes", "max_client_ids",
-                     "compact_after_updates", "compact_after_bytes"):
+                     "compact_after_updates", "compact_after_bytes", "turn_ttl", "signaling_max_topics",
+                     "signaling_max_message_bytes", "signaling_burst", "signaling_max_bad_frames",
+                     "signaling_outbox_frames", "signaling_outbox_bytes", "signaling_rate"):
             check(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive")
         for name in ("rate_limit", "keepalive_seconds", "awareness_timeout_seconds", "drain_seconds",
                      "resync_seconds", "node_timeout_seconds"):
             check(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive")
+        for url in filter(None, (u.strip() for u in self.stun_urls.split(","))):
+            check(url.startswith("stun:") or url.startswith("stuns:"), f"--stun-urls: not a stun: URL: {url!r}")
+        for url in filter(None, (u.strip() for u in self.turn_urls.split(","))):
+            check(url.startswith(("turn:", "turns:")), f"--turn-urls: not a turn: URL: {url!r}")
         check(self.room_grace_seconds >= 0, "--room-grace-seconds must not be negative")
         return self
 

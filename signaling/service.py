@@ -163,6 +163,7 @@ class Peer:
         self.outbox_bytes = 0
         self.outbox: deque[str] = deque()
         self.wakeup = asyncio.Event()
+        self.closed = asyncio.Event()
         self.close_code: int | None = None
         self.close_reason = ""
         self.gone = False
@@ -194,6 +195,7 @@ class Peer:
             self.close_code = code
             self.close_reason = reason
         self.wakeup.set()
+        self.closed.set()
 
 
 class SignalingService(Service):
@@ -317,14 +319,16 @@ class SignalingService(Service):
     async def _serve(self, ws: WebSocket, peer: Peer) -> None:
         reader = asyncio.create_task(self._read_loop(ws, peer))
         writer = asyncio.create_task(self._write_loop(ws, peer))
-        tasks = {reader, writer}
+        closer = asyncio.create_task(peer.closed.wait())
+        tasks = {reader, writer, closer}
         expiry = peer.identity.expires_at
         if expiry is not None:
             tasks.add(asyncio.create_task(self._expire(peer, expiry)))
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            if reader in done and peer.closing and not writer.done():
-                # Let queued error replies go out before the close frame.
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if peer.closing and not writer.done():
+                # Let queued error replies go out before the close frame; a writer stuck on a
+                # client that stopped reading gets two seconds, then it is cancelled.
                 await asyncio.wait({writer}, timeout=2.0)
         finally:
             for task in tasks:
@@ -343,7 +347,6 @@ class SignalingService(Service):
     async def _expire(self, peer: Peer, expires_at: float) -> None:
         await asyncio.sleep(max(0.0, expires_at - time.time()))
         peer.close(closecodes.UNAUTHORIZED, "token expired")
-        # Returning ends the wait in _serve; the writer is cancelled, the close goes out.
 
     async def _close(self, ws: WebSocket, peer: Peer) -> None:
         if peer.close_code is None or peer.gone:

@@ -285,3 +285,28 @@ async def test_drain_closes_signaling_sockets_1012(tmp_path):
     await srv.stop()
     await asyncio.wait_for(c.closed.wait(), 10)
     assert c.close_code == 1012
+
+
+async def test_a_client_that_stops_reading_is_dropped_1013(sig_server):
+    """A real stalled reader (TCP backpressure): its outbox fills, it is closed, the rest flows."""
+    from websockets.asyncio.client import connect
+
+    service = tune(sig_server, outbox_bytes=256 * 1024, rate=10_000.0, burst=10_000, max_message_bytes=64 * 1024)
+    publisher = await client(sig_server)
+    await publisher.subscribe("t")
+    stalled = await connect(sig_server.url + "/signaling", max_queue=1, max_size=None, close_timeout=1)
+    await stalled.send(frame({"type": "subscribe", "topics": ["t"]}))
+    await wait_until(lambda: len(service.topics.get("t", ())) == 2, what="stalled reader subscribed")
+    stalled_peer = max(service.peers, key=lambda p: p.id)
+    chunk = "x" * 60_000
+    async def flood() -> bool:
+        await publisher.publish("t", chunk)
+        await publisher.next(publish_of("t"))  # the publisher itself keeps reading fine
+        return stalled_peer.closing
+    await wait_until(flood, timeout=30, interval=0, what="stalled reader closed")
+    assert (stalled_peer.close_code, stalled_peer.close_reason) == (1013, "slow consumer")
+    await wait_until(lambda: stalled_peer not in service.peers, timeout=10, what="stalled reader forgotten")
+    await publisher.publish("t", "small")
+    assert (await publisher.next(publish_of("t", lambda d: d == "small")))["data"] == "small"
+    await publisher.close()
+    await stalled.close()

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from clients.rtc import ice_servers_from_config
+from clients.rtc import fetch_ice_servers, ice_servers_from_config
 from collab.auth import issue_token
 from servers import InProcessServer
 from signaling import SignalingSettings, ice_config, turn_credentials
@@ -44,6 +44,8 @@ async def test_turn_rest_credentials_for_the_token_user(tmp_path):
         body = (await get(srv, "/api/rtc/config", issue_token(SECRET, user="alice", role="viewer"))).json()
         # also as ?token=
         assert (await get(srv, "/api/rtc/config?token=" + issue_token(SECRET, user="x"))).status_code == 200
+        fetched = await fetch_ice_servers(srv.http, issue_token(SECRET, user="carol"))
+        assert fetched[1].username.endswith(":carol") and fetched[0].urls == ["stun:stun.example.test:3478"]
     stun, turn = body["iceServers"]
     assert stun == {"urls": ["stun:stun.example.test:3478"]}
     assert turn["urls"] == ["turn:turn.example.test:3478?transport=udp", "turns:turn.example.test:5349"]

@@ -65,3 +65,16 @@ async def test_peers_with_tokens_and_a_third_peer_joining(tmp_path):
         finally:
             for r in (a, b, c):
                 await r.close()
+
+
+def test_loopback_mode_pins_host_candidates_and_restores_what_it_replaced():
+    import aioice.ice
+
+    from clients.rtc import restrict_to_loopback
+
+    before = aioice.ice.get_host_addresses  # the conftest's guard
+    with restrict_to_loopback():
+        with restrict_to_loopback():
+            assert aioice.ice.get_host_addresses(True, True) == ["127.0.0.1"]
+        assert aioice.ice.get_host_addresses(True, True) == ["127.0.0.1"]
+    assert aioice.ice.get_host_addresses is before

@@ -257,7 +257,7 @@ async def test_python_helper_links_with_a_stock_ywebrtc_peer(tmp_path, netns, py
             linked = await python.wait("linked")
             await node.wait("peers", lambda ev: python.peer_id in ev["webrtcPeers"])
             assert linked["remote"] == node.peer_id
-            assert linked["initiator"] is (not python_first)  # the receiver of an announce offers
+            assert linked["initiator"] is python_first  # the first one there hears the announce and offers
             assert linked["first"].startswith("0000")  # y-protocols messageSync, sync step 1
             print(f"\nPython <-> y-webrtc data channel open after {linked['ms']} ms")
         finally:
