@@ -92,7 +92,8 @@ class Store(abc.ABC):
     """A durable log of Yjs updates per room, with snapshots. All methods are coroutines.
 
     Usage: ``store = open_store(url); await store.open()`` ... ``await store.close()``, or
-    ``async with open_store(url) as store: ...``.
+    ``async with open_store(url) as store: ...``. Every backend takes the keyword option
+    ``history_keep`` (rows kept per room beyond the snapshot, see "Retention").
     """
 
     # Group-commit metrics, kept by every backend: transactions that committed appends, and the
@@ -115,7 +116,8 @@ class Store(abc.ABC):
         """Store one update and return its id once committed.
 
         ``ts`` defaults to the current wall-clock time (seconds since the epoch). Raises ValueError
-        for an empty or oversized update or a bad room name, StoreError if the commit failed.
+        for an empty or oversized update, a bad room name or author (empty, NUL, lone surrogate,
+        too long), StoreError if the commit failed.
         Waits (backpressure) while too many appends are already waiting for their commit.
         """
 
@@ -125,10 +127,11 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def compact(self, room: str) -> bool:
-        """Fold the tail into the snapshot; False if there was nothing to fold.
+        """Fold the tail into the snapshot, keep the rows as history, prune beyond history_keep.
 
-        CPU-heavy for big tails (the updates are applied to a fresh document); callers decide when,
-        e.g. from ``RoomState.tail_bytes`` or the number of updates.
+        False if there was nothing to fold, or another compactor (node) got there first.
+        CPU-heavy for big tails (the updates are applied to a fresh document); callers decide
+        when, e.g. from ``RoomState.tail_bytes`` or the number of updates.
         """
 
     @abc.abstractmethod
@@ -165,7 +168,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def rooms(self, prefix: str = "") -> list[str]:
-        """Names of stored rooms starting with ``prefix``, sorted by code point."""
+        """Names of rooms with stored updates starting with ``prefix``, sorted by code point.
+
+        Metadata alone does not make a room.
+        """
 
     @abc.abstractmethod
     async def ping(self) -> None:
@@ -217,15 +223,23 @@ def check_history_args(
         _check_text("author", author, MAX_AUTHOR_BYTES)
 
 
+def check_prefix(prefix: str) -> None:
+    """A ``rooms`` prefix: any string a room name could start with ("" for all)."""
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix must be str, not {type(prefix).__name__}")
+    if prefix:
+        _check_text("prefix", prefix, MAX_ROOM_NAME_BYTES)
+
+
 def check_meta_key(key: str) -> None:
     _check_text("meta key", key, MAX_META_KEY_BYTES)
 
 
 def check_meta_prefix(prefix: str) -> None:
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix must be str, not {type(prefix).__name__}")
     if prefix:
         check_meta_key(prefix)
-    elif not isinstance(prefix, str):
-        raise TypeError(f"prefix must be str, not {type(prefix).__name__}")
 
 
 def check_meta_value(value: bytes | None) -> None:

@@ -47,7 +47,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import asyncpg
 
@@ -62,6 +62,7 @@ from .base import (
     check_meta_key,
     check_meta_prefix,
     check_meta_value,
+    check_prefix,
     check_room,
     fold_updates,
     prefix_upper_bound,
@@ -160,7 +161,7 @@ UPSERT_SNAPSHOT = """
     INSERT INTO snapshots AS s (room, data, upto_id, updated_at) VALUES ($1, $2, $3, $4)
     ON CONFLICT (room) DO UPDATE
        SET data = excluded.data, upto_id = excluded.upto_id, updated_at = excluded.updated_at
-     WHERE $5::bigint IS NOT NULL"""
+     WHERE s.upto_id = $5"""
 # Retention: keep the newest $3 rows with id <= $2 (the new upto_id); no cutoff row -> NULL -> none.
 PRUNE = """
     DELETE FROM updates WHERE room = $1 AND id <= (
@@ -228,7 +229,9 @@ class PostgresStore(GroupCommitStore):
     # -- connections -------------------------------------------------------------------------
 
     def _server_settings(self, *, writer: bool) -> dict[str, str]:
-        settings = {"application_name": "collab"}
+        settings = {}
+        if "application_name" not in dict(parse_qsl(urlsplit(self.dsn).query)):
+            settings["application_name"] = "collab"  # unless the URL names this node
         if self.schema:
             settings["search_path"] = f'"{self.schema}"'
         if writer and self.synchronous == "NORMAL":
@@ -431,8 +434,7 @@ class PostgresStore(GroupCommitStore):
         ]
 
     async def rooms(self, prefix: str = "") -> list[str]:
-        if not isinstance(prefix, str):
-            raise TypeError(f"prefix must be str, not {type(prefix).__name__}")
+        check_prefix(prefix)
         upper = prefix_upper_bound(prefix) if prefix else None
         if upper is None:
             sql, args = "SELECT name FROM rooms WHERE name >= $1 ORDER BY name", [prefix]
@@ -525,7 +527,7 @@ class PostgresStore(GroupCommitStore):
         self._check_open()
         key = lock_key(self._namespace, room)
         async with self._compactions, self._connection("compaction") as conn:
-            if not await conn.fetchval("SELECT $1::int4 IS NOT NULL AND $2::int4 IS NOT NULL", LOCK_COMPACT, key):
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", LOCK_COMPACT, key):
                 return False  # another node (or task) is compacting this room right now
             try:
                 snapshot, upto_id, tail = _split_room(await conn.fetch(READ_ROOM, room))

@@ -54,6 +54,7 @@ from .base import (
     check_meta_key,
     check_meta_prefix,
     check_meta_value,
+    check_prefix,
     check_room,
     fold_updates,
     prefix_upper_bound,
@@ -320,6 +321,7 @@ class SQLiteStore(GroupCommitStore):
         ]
 
     async def rooms(self, prefix: str = "") -> list[str]:
+        check_prefix(prefix)
         names: list[str] = []
         async with self._reading() as db:
             # BINARY collation orders UTF-8 by code point, so names with the prefix are contiguous.

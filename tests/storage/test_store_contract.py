@@ -380,6 +380,10 @@ async def test_rooms_are_listed_by_prefix(store: Store) -> None:
     ]
     assert await store.rooms("é/") == ["é/ünï"]
     assert await store.rooms("zzz") == []
+    with pytest.raises(ValueError):
+        await store.rooms("ws\0")
+    with pytest.raises(TypeError):
+        await store.rooms(1)  # type: ignore[arg-type]
 
 
 async def test_flush_returns_once_everything_appended_is_committed(store: Store) -> None:
