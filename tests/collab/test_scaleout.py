@@ -17,8 +17,11 @@ from yjs import NodeYjs
 FAST = {"node_timeout_seconds": 2, "resync_seconds": 2, "log_level": "info"}
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgres"])
 def store_url(request, tmp_path):
+    """Shared storage: one SQLite file for nodes on one host, PostgreSQL for nodes across hosts."""
+    if request.param == "postgres":
+        return request.getfixturevalue("postgres_url")
     return str(tmp_path / "shared.db")
 
 
