@@ -32,13 +32,27 @@ well-formed and inside these limits:
 * Content refs, type refs and ``Any`` tags unknown to Yjs 13.6 are rejected (a Yjs client that
   received them would throw); strings must be valid UTF-8; JSON must be valid JSON as JavaScript's
   ``JSON.parse`` reads it (no NaN/Infinity), or "undefined" inside legacy JSON content.
+* Shapes that no Yjs/yrs encoder writes and that make yrs panic (pyo3's PanicException, a
+  BaseException that slips past ``except Exception`` and leaves the document unusable) or recurse
+  without end are rejected: zero-length structs (GC/Skip/Deleted of length 0, "" strings, empty
+  Any/JSON lists), client sections without structs, empty delete ranges, and items whose origin,
+  right origin or parent is a clock of their own client that is not earlier than their own (those
+  existed before the item, so their clocks are smaller).
 * A client id appears at most once in the struct section (Yjs would keep only the last one, which
   would let an update say different things to different readers).
 
-Limit not covered: nesting built up across *several* updates (each within ``max_depth``, each
-parented on the previous one's deepest type) is only visible to a checker that knows the stored
-document. Strings, binaries and JSON texts are sliced and checked by C code (``bytes.isascii``,
-``bytes.decode``, ``json.loads``), never walked byte by byte in Python.
+The scan never walks strings, binaries or JSON texts byte by byte in Python: they are sliced and
+checked by C code (``bytes.isascii``, ``bytes.decode``, ``json.loads``, ``re``). Origins mostly
+repeat the same few client ids, 5-8 byte varints, so those are compared as bytes first.
+
+Not covered, because a stateless check cannot see it:
+
+* nesting built up across *several* updates (each within ``max_depth``, each parented on the
+  previous one's deepest type);
+* yrs bugs on updates applied out of order: several individually valid updates that leave structs
+  pending (a gap before a client's section start, or ids beyond the document's state) can still
+  crash yrs when a later update fills the gap. A caller that knows the document's state vector
+  should refuse updates that would leave structs pending.
 """
 
 from __future__ import annotations
@@ -303,87 +317,93 @@ class _TypeGraph:
     An Item's parent is either explicit (a root name, or the id of a ContentType item) or, when
     the Item has an origin / right origin, inherited from the neighbouring item those ids name.
     ``check`` computes, for every type item, how many type items of this update enclose it
-    (itself included): a longest-path search over those links, iterative, with cycle detection.
-    Ids that fall outside this update count as the document root (depth 0).
+    (itself included): a longest-path search over those links, iterative, memoised, with cycle
+    detection. Ids that fall outside this update count as the document root (depth 0).
+
+    Structs are stored in flat lists indexed by node number; the structs of one client section
+    have consecutive node numbers, so an id is found by bisecting that section's start clocks.
     """
 
     def __init__(self) -> None:
+        self.ends: list[int] = []  # clock after the struct
         self.is_type: list[bool] = []
-        self.parent: list[tuple[int, int] | None] = []  # explicit parent item id
-        self.neighbours: list[tuple[tuple[int, int], ...]] = []  # origin / right origin ids
-        self.starts: dict[int, list[int]] = {}  # client -> struct start clocks (ascending)
-        self.ends: dict[int, list[int]] = {}
-        self.nodes: dict[int, list[int]] = {}  # client -> node index of each struct
+        # (origin client, origin clock, right client, right clock, parent client, parent clock),
+        # -1 where absent; None for GC / Skip
+        self.refs: list[tuple[int, int, int, int, int, int] | None] = []
+        self.sections: dict[int, tuple[int, list[int]]] = {}  # client -> (first node, starts)
 
-    def add(
-        self,
-        client: int,
-        start: int,
-        end: int,
-        is_type: bool,
-        parent: tuple[int, int] | None,
-        neighbours: tuple[tuple[int, int], ...],
-    ) -> None:
-        if client not in self.starts:
-            self.starts[client] = []
-            self.ends[client] = []
-            self.nodes[client] = []
-        self.starts[client].append(start)
-        self.ends[client].append(end)
-        self.nodes[client].append(len(self.is_type))
-        self.is_type.append(is_type)
-        self.parent.append(parent)
-        self.neighbours.append(neighbours)
+    def section(self, client: int) -> list[int]:
+        """Start a client section; return the list to append its struct start clocks to."""
+        starts: list[int] = []
+        self.sections[client] = (len(self.ends), starts)
+        return starts
 
-    def _find(self, item_id: tuple[int, int]) -> int | None:
-        client, clock = item_id
-        starts = self.starts.get(client)
-        if starts is None:
-            return None
+    def _find(self, client: int, clock: int) -> int:
+        """The node holding id (client, clock), or -1."""
+        section = self.sections.get(client)
+        if section is None:
+            return -1
+        first, starts = section
         k = bisect_right(starts, clock) - 1
-        if k < 0 or clock >= self.ends[client][k]:
-            return None
-        return self.nodes[client][k]
+        if k < 0 or clock >= self.ends[first + k]:
+            return -1
+        return first + k
 
     def _links(self, node: int) -> list[tuple[int, int]]:
         """(other node, depth added) pairs: a node's container depth is the max over its links."""
-        parent = self.parent[node]
-        if parent is not None:
-            other = self._find(parent)
-            return [(other, 1)] if other is not None and self.is_type[other] else []
+        refs = self.refs[node]
+        if refs is None:
+            return []
+        oc, ok, rc, rk, pc, pk = refs
+        if pc >= 0:  # explicit parent: a type item of this update is one level up
+            other = self._find(pc, pk)
+            return [(other, 1)] if other >= 0 and self.is_type[other] else []
         links = []
-        for item_id in self.neighbours[node]:
-            other = self._find(item_id)
-            if other is not None:
+        if oc >= 0:
+            other = self._find(oc, ok)
+            if other >= 0:
+                links.append((other, 0))
+        if rc >= 0:
+            other = self._find(rc, rk)
+            if other >= 0:
                 links.append((other, 0))
         return links
 
     def check(self, max_depth: int) -> None:
-        count = len(self.is_type)
-        depth = [0] * count  # depth of the type that contains the node (0 = root/unknown)
-        state = bytearray(count)  # 0 unseen, 1 expanded (on the current path), 2 done
+        count = len(self.ends)
+        is_type = self.is_type
+        depth = [-1] * count  # depth of the type containing each node (0 = root/unknown)
+        links: list[list[tuple[int, int]] | None] = [None] * count
+        expanded = bytearray(count)
         for root in range(count):
-            if not self.is_type[root] or state[root] == 2:
+            if not is_type[root] or depth[root] >= 0:
                 continue
             stack = [root]
             while stack:
                 node = stack[-1]
-                if state[node] == 2:
+                if depth[node] >= 0:
                     stack.pop()
-                elif state[node] == 0:
-                    state[node] = 1
-                    for other, _ in self._links(node):
-                        if state[other] == 1:
-                            raise InvalidUpdate("items are their own ancestors")
-                        if state[other] == 0:
+                    continue
+                node_links = links[node]
+                if node_links is None:
+                    node_links = links[node] = self._links(node)
+                if not expanded[node]:
+                    expanded[node] = 1
+                    for other, _ in node_links:
+                        if depth[other] < 0:
+                            if expanded[other]:  # unfinished and expanded: on the current path
+                                raise InvalidUpdate("items are their own ancestors")
                             stack.append(other)
-                else:  # every link is done: it was pushed above this node
-                    d = max((depth[o] + add for o, add in self._links(node)), default=0)
-                    depth[node] = d
-                    state[node] = 2
-                    stack.pop()
-            if depth[root] + 1 > max_depth:
-                raise _too_deep()
+                    continue
+                # every link was pushed above this node, so it is done
+                d = 0
+                for other, add in node_links:
+                    if depth[other] + add > d:
+                        d = depth[other] + add
+                depth[node] = d
+                if is_type[node] and d >= max_depth:
+                    raise _too_deep()
+                stack.pop()
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,11 +416,27 @@ _COUNT = "count larger than the frame"
 _EMPTY = "empty struct"
 
 
-def _scan_update(data: bytes, max_depth: int, graph: _TypeGraph | None) -> int:
-    """Check a whole update (structs, delete set, nothing after); return its number of type items.
+def _check_reference(ref_client: int, ref_clock: int, client: int) -> None:
+    """An item refers to (ref_client, ref_clock), a clock not below its own: allowed only for
+    another client (which may be ahead of this one), and within yrs' clock range."""
+    if ref_client == client:
+        # origin, right origin and parent existed when the item was created: for its own
+        # client they have smaller clocks. yrs can recurse without end on such references.
+        raise InvalidUpdate("item refers to a later clock of its own client")
+    if ref_clock > MAX_CLOCK:
+        raise InvalidUpdate(_CLOCK_RANGE)
 
-    With `graph`, also record every struct in it. Reads past the end raise IndexError. The
-    one-byte case of hot varUints is inlined (`x = data[pos]; if x >= 0x80: <finish it>`).
+
+class _NeedGraph(Exception):
+    """Raised by a scan without a graph on meeting more than max_depth type items."""
+
+
+def _scan_update(data: bytes, max_depth: int, graph: _TypeGraph | None) -> None:
+    """Check a whole update (structs, delete set, nothing after it).
+
+    With `graph`, also record every struct in it; without, raise _NeedGraph on meeting more
+    than max_depth type items. Reads past the end raise IndexError. The one-byte case of hot
+    varUints is inlined (`x = data[pos]; if x >= 0x80: <finish it>`).
     """
     n_data = len(data)
     num_clients = data[0]
@@ -436,6 +472,11 @@ def _scan_update(data: bytes, max_depth: int, graph: _TypeGraph | None) -> int:
             if client in seen:
                 raise InvalidUpdate("client listed twice")
             seen.add(client)
+        if graph is not None:
+            starts = graph.section(client)
+            ends = graph.ends
+            kinds = graph.is_type
+            refs = graph.refs
         for _ in range(num_structs):
             info = data[pos]
             pos += 1
@@ -445,10 +486,13 @@ def _scan_update(data: bytes, max_depth: int, graph: _TypeGraph | None) -> int:
                 pos += 1
                 if length >= 0x80:
                     length, pos = _varuint_tail(data, pos, length)
-                elif not length:
+                if not length:
                     raise InvalidUpdate(_EMPTY)
                 if graph is not None:
-                    graph.add(client, clock, clock + length, False, None, ())
+                    starts.append(clock)
+                    ends.append(clock + length)
+                    kinds.append(False)
+                    refs.append(None)
                 clock += length
                 if clock > MAX_CLOCK:
                     raise InvalidUpdate(_CLOCK_RANGE)
@@ -469,8 +513,8 @@ def _scan_update(data: bytes, max_depth: int, graph: _TypeGraph | None) -> int:
                 pos += 1
                 if ok >= 0x80:
                     ok, pos = _varuint_tail(data, pos, ok)
-                    if ok > MAX_CLOCK:
-                        raise InvalidUpdate(_CLOCK_RANGE)
+                if ok >= clock:
+                    _check_reference(oc, ok, client)
             if info & 0x40:
                 if data.startswith(last_client, pos):
                     rc = last_client_id
@@ -484,8 +528,8 @@ def _scan_update(data: bytes, max_depth: int, graph: _TypeGraph | None) -> int:
                 pos += 1
                 if rk >= 0x80:
                     rk, pos = _varuint_tail(data, pos, rk)
-                    if rk > MAX_CLOCK:
-                        raise InvalidUpdate(_CLOCK_RANGE)
+                if rk >= clock:
+                    _check_reference(rc, rk, client)
             if not info & 0xC0:
                 parent_info = data[pos]
                 pos += 1
@@ -496,8 +540,8 @@ def _scan_update(data: bytes, max_depth: int, graph: _TypeGraph | None) -> int:
                 else:  # the id of a ContentType item
                     pc, pos = _read_varuint(data, pos)
                     pk, pos = _read_varuint(data, pos)
-                    if pk > MAX_CLOCK:
-                        raise InvalidUpdate(_CLOCK_RANGE)
+                    if pk >= clock:
+                        _check_reference(pc, pk, client)
                 if info & 0x20:  # parentSub: the key in a map
                     pos = _string_end(data, pos)
 
@@ -541,6 +585,8 @@ def _scan_update(data: bytes, max_depth: int, graph: _TypeGraph | None) -> int:
                     pos = _string_end(data, pos)
                 is_type = True
                 types += 1
+                if types > max_depth and graph is None:
+                    raise _NeedGraph  # start again, recording the structs this time
                 length = 1
             elif ref == 5:  # Embed: JSON
                 text, pos = _read_string(data, pos)
@@ -567,9 +613,10 @@ def _scan_update(data: bytes, max_depth: int, graph: _TypeGraph | None) -> int:
                 raise InvalidUpdate(_EMPTY)
 
             if graph is not None:
-                neighbours = tuple((c, k) for c, k in ((oc, ok), (rc, rk)) if c >= 0)
-                parent = (pc, pk) if pc >= 0 else None
-                graph.add(client, clock, clock + length, is_type, parent, neighbours)
+                starts.append(clock)
+                ends.append(clock + length)
+                kinds.append(is_type)
+                refs.append((oc, ok, rc, rk, pc, pk))
             clock += length
             if clock > MAX_CLOCK:
                 raise InvalidUpdate(_CLOCK_RANGE)
@@ -602,7 +649,6 @@ def _scan_update(data: bytes, max_depth: int, graph: _TypeGraph | None) -> int:
 
     if pos != n_data:
         raise InvalidUpdate("trailing bytes after the update")
-    return types
 
 
 def validate_update(data: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
@@ -613,15 +659,16 @@ def validate_update(data: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
     if type(data) is not bytes:
         data = bytes(data)
     try:
-        types = _scan_update(data, max_depth, None)
+        try:
+            _scan_update(data, max_depth, None)
+        except _NeedGraph:
+            # Only an update with more type items than max_depth can nest them too deeply.
+            # Such updates (rich documents) are scanned again, recording their structs.
+            graph = _TypeGraph()
+            _scan_update(data, max_depth, graph)
+            graph.check(max_depth)
     except IndexError:
         raise InvalidUpdate("truncated") from None
-    if types > max_depth:
-        # Only an update with more type items than max_depth can nest them too deeply: scan it
-        # again (it is well-formed now), recording its structs this time.
-        graph = _TypeGraph()
-        _scan_update(data, max_depth, graph)
-        graph.check(max_depth)
 
 
 def validate_state_vector(data: bytes) -> None:
