@@ -66,6 +66,13 @@ class Settings:
     compact_after_bytes: int = field(default=1024 * 1024, metadata={"help": "…or past this many bytes"})
     sqlite_synchronous: str = field(default="FULL", metadata={"help": "FULL (power-loss safe) or NORMAL (crash safe)"})
 
+    # Chat.
+    chat_max_chars: int = field(default=4000, metadata={"help": "characters in one chat message"})
+    chat_rate: float = field(default=1.0, metadata={"help": "chat writes per second per user (sustained)"})
+    chat_burst: int = field(default=10, metadata={"help": "chat writes a user may make at once"})
+    chat_history_on_join: int = field(default=50, metadata={"help": "chat messages pushed on join (0 = none)"})
+    chat_max_page: int = field(default=200, metadata={"help": "largest chat history page"})
+
     # WebRTC signaling (/signaling) and ICE configuration (/api/rtc/config).
     stun_urls: str = field(default="", metadata={"help": "comma-separated stun: URLs handed to WebRTC peers"})
     turn_urls: str = field(default="", metadata={"help": "comma-separated turn:/turns: URLs"})
@@ -105,7 +112,8 @@ class Settings:
                      "max_awareness_entries", "max_awareness_state_bytes", "max_client_ids",
                      "compact_after_updates", "compact_after_bytes", "turn_ttl", "signaling_max_topics",
                      "signaling_max_message_bytes", "signaling_burst", "signaling_max_bad_frames",
-                     "signaling_outbox_frames", "signaling_outbox_bytes", "signaling_rate"):
+                     "signaling_outbox_frames", "signaling_outbox_bytes", "signaling_rate",
+                     "chat_max_chars", "chat_rate", "chat_burst", "chat_max_page"):
             check(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive")
         for name in ("rate_limit", "keepalive_seconds", "awareness_timeout_seconds", "drain_seconds",
                      "resync_seconds", "node_timeout_seconds"):
@@ -114,6 +122,7 @@ class Settings:
             check(url.startswith("stun:") or url.startswith("stuns:"), f"--stun-urls: not a stun: URL: {url!r}")
         for url in filter(None, (u.strip() for u in self.turn_urls.split(","))):
             check(url.startswith(("turn:", "turns:")), f"--turn-urls: not a turn: URL: {url!r}")
+        check(self.chat_history_on_join >= 0, "--chat-history-on-join must not be negative")
         check(self.room_grace_seconds >= 0, "--room-grace-seconds must not be negative")
         return self
 

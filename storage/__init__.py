@@ -24,10 +24,13 @@ from .base import (
     StoreError,
     fold_updates,
 )
+from .chat import ChatMention, ChatMessage
 from .postgres import PostgresStore
 from .sqlite import SQLiteStore
 
 __all__ = [
+    "ChatMention",
+    "ChatMessage",
     "DEFAULT_HISTORY_KEEP",
     "MAX_AUTHOR_BYTES",
     "MAX_HISTORY_LIMIT",

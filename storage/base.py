@@ -33,6 +33,8 @@ tail, so its cost is bounded by how often the room is compacted, not by the room
 * Metadata: a small key/value map per room (``get_meta`` / ``put_meta`` / ``list_meta``) for services
   (undo stacks, room owner, invites). Each ``put_meta`` is its own durable transaction, independent
   of the update log and of group commit. Keys, values and keys per room are bounded (``MAX_META_*``).
+* Chat: messages, mentions and known users per room (``chat_*``; see ``storage.chat``), in tables
+  of their own, each write its own durable transaction.
 * Storage failures surface as ``StoreError`` (``StoreClosed`` once closed) with the driver's own
   exception as ``__cause__``: callers never need to know the database. Bad arguments raise
   ValueError/TypeError before anything is queued, so one bad append can never fail a whole batch.
@@ -43,8 +45,12 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import pycrdt
+
+if TYPE_CHECKING:
+    from .chat import ChatMention, ChatMessage
 
 # A hard ceiling well above the server's own update limit (the hub rejects big updates earlier, with a
 # close code); it stops a bug from writing one row the size of the disk.
@@ -165,6 +171,60 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def list_meta(self, room: str, prefix: str = "") -> dict[str, bytes]:
         """Every (key, value) of the room whose key starts with ``prefix``, in key order."""
+
+    # -- chat (see storage.chat) ---------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def chat_add(self, message: ChatMessage) -> None:
+        """Store a new message and a mention row per ``message.mentions``, durably, in one
+        transaction. Raises ValueError for bad fields or an id the room already has."""
+
+    @abc.abstractmethod
+    async def chat_get(self, room: str, message_id: str) -> ChatMessage | None:
+        """One message (or its tombstone), or None."""
+
+    @abc.abstractmethod
+    async def chat_history(self, room: str, *, before: str | None = None, limit: int = 50) -> list[ChatMessage]:
+        """The newest ``limit`` messages with ``id < before`` (all if None), oldest first.
+
+        Tombstones included. Page back with ``before=page[0].id``; a short page is the last.
+        """
+
+    @abc.abstractmethod
+    async def chat_edit(self, room: str, message_id: str, text: str, *, mentions: tuple[str, ...] = (),
+                        edited_ts: float | None = None) -> ChatMessage | None:
+        """Replace a live message's text and mentions (mentions still named keep their read flag).
+
+        None if the message does not exist or is deleted.
+        """
+
+    @abc.abstractmethod
+    async def chat_delete(self, room: str, message_id: str) -> ChatMessage | None:
+        """Tombstone a message: text, anchor, mentions and reactions removed from storage.
+
+        Returns the tombstone (idempotent), None if there is no such message.
+        """
+
+    @abc.abstractmethod
+    async def chat_react(self, room: str, message_id: str, emoji: str, user: str) -> ChatMessage | None:
+        """Toggle ``user``'s ``emoji`` reaction; None if the message does not exist or is deleted."""
+
+    @abc.abstractmethod
+    async def chat_mentions(self, user: str, *, unread_only: bool = True, before: str | None = None,
+                            limit: int = 100) -> list[ChatMention]:
+        """Mentions of ``user`` in every room, newest first (by message id, ``before`` exclusive)."""
+
+    @abc.abstractmethod
+    async def chat_mark_read(self, user: str, room: str, upto: str) -> int:
+        """Mark ``user``'s mentions in ``room`` with message id <= ``upto`` read; returns how many."""
+
+    @abc.abstractmethod
+    async def chat_put_user(self, room: str, user: str, name: str) -> None:
+        """Remember ``user`` (display ``name``) as known in ``room`` (for resolving @mentions)."""
+
+    @abc.abstractmethod
+    async def chat_users(self, room: str) -> dict[str, str]:
+        """Every user known in ``room``: id -> display name."""
 
     @abc.abstractmethod
     async def rooms(self, prefix: str = "") -> list[str]:

@@ -32,6 +32,8 @@ Theory of operation
   transaction, so processes starting together migrate one after another and the rest see it done.
   ``?schema=name`` puts the tables in their own schema (created if missing) via ``search_path``.
   Room and key columns use ``COLLATE "C"``: code point order, whatever the database's locale.
+* Chat (``chat_*`` tables, schema version 2): each write is one transaction on a pool connection;
+  read-modify-write (edit, reactions) locks the message row (``SELECT ... FOR UPDATE``).
 * ``synchronous=NORMAL`` (the server's ``--sqlite-synchronous``) sets ``synchronous_commit=off`` on the
   writer: a commit then survives a crash of the collab process but not of the database server (up to
   ~3 x wal_writer_delay lost). ``FULL`` (default) keeps the server's setting (normally ``on``).
@@ -67,11 +69,28 @@ from .base import (
     fold_updates,
     prefix_upper_bound,
 )
+from .chat import (
+    COLUMNS as CHAT_COLUMNS,
+    ChatMention,
+    ChatMessage,
+    check_chat_id,
+    check_chat_message,
+    check_chat_text,
+    check_emoji,
+    check_limit,
+    check_mentions,
+    check_user,
+    dump_mentions,
+    dump_reactions,
+    from_row,
+    to_row,
+    toggle_reaction,
+)
 from .groupcommit import DEFAULT_MAX_PENDING, DEFAULT_MAX_PENDING_BYTES, GroupCommitStore, Pending
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
         # CACHE 1: ids are drawn in order by whoever holds the room's append lock.
@@ -100,6 +119,39 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
                value      bytea NOT NULL,
                updated_at double precision NOT NULL,
                PRIMARY KEY (room, key)
+           )""",
+    ),
+    2: (
+        # Chat (storage.chat). Ids are server-made sortable strings: COLLATE "C" orders them bytewise.
+        """CREATE TABLE chat_messages (
+               room        text COLLATE "C" NOT NULL,
+               id          text COLLATE "C" NOT NULL,
+               author      text NOT NULL,
+               author_name text NOT NULL,
+               text        text NOT NULL,
+               ts          double precision NOT NULL,
+               reply_to    text COLLATE "C",
+               anchor      text,
+               mentions    text NOT NULL DEFAULT '[]',
+               reactions   text NOT NULL DEFAULT '{}',
+               edited_ts   double precision,
+               deleted     boolean NOT NULL DEFAULT false,
+               PRIMARY KEY (room, id)
+           )""",
+        """CREATE TABLE chat_mentions (
+               user_id    text COLLATE "C" NOT NULL,
+               room       text COLLATE "C" NOT NULL,
+               message_id text COLLATE "C" NOT NULL,
+               read       boolean NOT NULL DEFAULT false,
+               PRIMARY KEY (user_id, room, message_id)
+           )""",
+        "CREATE INDEX chat_mentions_by_user ON chat_mentions (user_id, read, message_id)",
+        """CREATE TABLE chat_users (
+               room      text COLLATE "C" NOT NULL,
+               user_id   text COLLATE "C" NOT NULL,
+               name      text NOT NULL,
+               last_seen double precision NOT NULL,
+               PRIMARY KEY (room, user_id)
            )""",
     ),
 }
@@ -520,6 +572,159 @@ class PostgresStore(GroupCommitStore):
         if full:
             raise ValueError(f"room {room!r} already holds {MAX_META_KEYS} meta keys")
 
+    # -- chat --------------------------------------------------------------------------------
+
+    async def _chat_write(self, what: str, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """``fn`` in one transaction on a pool connection, committed before returning."""
+        try:
+            async with self._connection(f"chat {what}") as conn:
+                async with conn.transaction():
+                    return await fn(conn)
+        except _ChatConflict as conflict:
+            raise ValueError(str(conflict)) from None
+
+    async def chat_add(self, message: ChatMessage) -> None:
+        check_chat_message(message)
+
+        async def write(conn: asyncpg.Connection) -> None:
+            status = await conn.execute(
+                f"INSERT INTO chat_messages ({CHAT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,"
+                " $11, $12) ON CONFLICT (room, id) DO NOTHING", *to_row(message))
+            if status != "INSERT 0 1":
+                raise _ChatConflict(f"message {message.id!r} already exists in {message.room!r}")
+            if message.mentions:
+                await conn.execute(
+                    "INSERT INTO chat_mentions (user_id, room, message_id) SELECT u, $2, $3 FROM unnest($1::text[]) u"
+                    " ON CONFLICT DO NOTHING", list(message.mentions), message.room, message.id)
+
+        await self._chat_write("add", write)
+
+    async def chat_get(self, room: str, message_id: str) -> ChatMessage | None:
+        check_room(room)
+        check_chat_id("message id", message_id)
+        row = await self._read("chat_get", lambda conn: conn.fetchrow(
+            f"SELECT {CHAT_COLUMNS} FROM chat_messages WHERE room = $1 AND id = $2", room, message_id))
+        return None if row is None else from_row(row)
+
+    async def chat_history(self, room: str, *, before: str | None = None, limit: int = 50) -> list[ChatMessage]:
+        check_room(room)
+        check_limit(limit)
+        if before is not None:
+            check_chat_id("before", before)
+        sql = (f"SELECT {CHAT_COLUMNS} FROM chat_messages WHERE room = $1 AND ($2::text IS NULL OR id < $2)"
+               " ORDER BY id DESC LIMIT $3")
+        rows = await self._read("chat_history", lambda conn: conn.fetch(sql, room, before, limit))
+        return [from_row(row) for row in reversed(rows)]
+
+    @staticmethod
+    async def _locked_message(conn: asyncpg.Connection, room: str, message_id: str) -> ChatMessage | None:
+        row = await conn.fetchrow(
+            f"SELECT {CHAT_COLUMNS} FROM chat_messages WHERE room = $1 AND id = $2 FOR UPDATE", room, message_id)
+        return None if row is None else from_row(row)
+
+    async def chat_edit(self, room: str, message_id: str, text: str, *, mentions: tuple[str, ...] = (),
+                        edited_ts: float | None = None) -> ChatMessage | None:
+        check_room(room)
+        check_chat_id("message id", message_id)
+        check_chat_text(text)
+        check_mentions(mentions)
+        stamp = time.time() if edited_ts is None else edited_ts
+
+        async def write(conn: asyncpg.Connection) -> ChatMessage | None:
+            current = await self._locked_message(conn, room, message_id)
+            if current is None or current.deleted:
+                return None
+            await conn.execute(
+                "UPDATE chat_messages SET text = $3, mentions = $4, edited_ts = $5 WHERE room = $1 AND id = $2",
+                room, message_id, text, dump_mentions(mentions), stamp)
+            await conn.execute(
+                "DELETE FROM chat_mentions WHERE room = $1 AND message_id = $2 AND NOT (user_id = ANY($3::text[]))",
+                room, message_id, list(mentions))
+            await conn.execute(
+                "INSERT INTO chat_mentions (user_id, room, message_id) SELECT u, $2, $3 FROM unnest($1::text[]) u"
+                " ON CONFLICT DO NOTHING", list(mentions), room, message_id)
+            return await self._locked_message(conn, room, message_id)
+
+        return await self._chat_write("edit", write)
+
+    async def chat_delete(self, room: str, message_id: str) -> ChatMessage | None:
+        check_room(room)
+        check_chat_id("message id", message_id)
+
+        async def write(conn: asyncpg.Connection) -> ChatMessage | None:
+            await conn.execute(
+                "UPDATE chat_messages SET text = '', anchor = NULL, mentions = '[]', reactions = '{}', "
+                "deleted = true WHERE room = $1 AND id = $2", room, message_id)
+            await conn.execute("DELETE FROM chat_mentions WHERE room = $1 AND message_id = $2", room, message_id)
+            return await self._locked_message(conn, room, message_id)
+
+        return await self._chat_write("delete", write)
+
+    async def chat_react(self, room: str, message_id: str, emoji: str, user: str) -> ChatMessage | None:
+        check_room(room)
+        check_chat_id("message id", message_id)
+        check_emoji(emoji)
+        check_user(user)
+
+        async def write(conn: asyncpg.Connection) -> ChatMessage | None:
+            current = await self._locked_message(conn, room, message_id)
+            if current is None or current.deleted:
+                return None
+            try:
+                reactions = toggle_reaction(current.reactions, emoji, user)
+            except ValueError as exc:
+                raise _ChatConflict(str(exc)) from None
+            await conn.execute("UPDATE chat_messages SET reactions = $3 WHERE room = $1 AND id = $2",
+                               room, message_id, dump_reactions(reactions))
+            return await self._locked_message(conn, room, message_id)
+
+        return await self._chat_write("react", write)
+
+    async def chat_mentions(self, user: str, *, unread_only: bool = True, before: str | None = None,
+                            limit: int = 100) -> list[ChatMention]:
+        check_user(user)
+        check_limit(limit)
+        if before is not None:
+            check_chat_id("before", before)
+        columns = ", ".join(f"c.{c.strip()}" for c in CHAT_COLUMNS.split(","))
+        sql = (f"SELECT m.read, {columns} FROM chat_mentions m JOIN chat_messages c "
+               "ON c.room = m.room AND c.id = m.message_id WHERE m.user_id = $1"
+               " AND (NOT $2 OR NOT m.read) AND ($3::text IS NULL OR m.message_id < $3)"
+               " ORDER BY m.message_id DESC LIMIT $4")
+        rows = await self._read("chat_mentions", lambda conn: conn.fetch(sql, user, unread_only, before, limit))
+        return [ChatMention(user=user, read=bool(row[0]), message=from_row(tuple(row)[1:])) for row in rows]
+
+    async def chat_mark_read(self, user: str, room: str, upto: str) -> int:
+        check_user(user)
+        check_room(room)
+        check_chat_id("upto", upto)
+
+        async def write(conn: asyncpg.Connection) -> int:
+            status = await conn.execute(
+                "UPDATE chat_mentions SET read = true WHERE user_id = $1 AND room = $2 AND message_id <= $3"
+                " AND NOT read", user, room, upto)
+            return int(status.split()[-1])
+
+        return await self._chat_write("mark read", write)
+
+    async def chat_put_user(self, room: str, user: str, name: str) -> None:
+        check_room(room)
+        check_user(user, name)
+
+        async def write(conn: asyncpg.Connection) -> None:
+            await conn.execute(
+                "INSERT INTO chat_users (room, user_id, name, last_seen) VALUES ($1, $2, $3, $4)"
+                " ON CONFLICT (room, user_id) DO UPDATE SET name = excluded.name, last_seen = excluded.last_seen",
+                room, user, name, time.time())
+
+        await self._chat_write("put user", write)
+
+    async def chat_users(self, room: str) -> dict[str, str]:
+        check_room(room)
+        rows = await self._read("chat_users", lambda conn: conn.fetch(
+            "SELECT user_id, name FROM chat_users WHERE room = $1 ORDER BY user_id", room))
+        return {row[0]: row[1] for row in rows}
+
     # -- compaction --------------------------------------------------------------------------
 
     async def compact(self, room: str) -> bool:
@@ -550,6 +755,10 @@ class PostgresStore(GroupCommitStore):
                 if not conn.is_closed():
                     with contextlib.suppress(Exception):  # the pool's reset unlocks it anyway
                         await conn.execute("SELECT pg_advisory_unlock($1, $2)", LOCK_COMPACT, key)
+
+
+class _ChatConflict(Exception):
+    """A chat write refused for a reason the caller caused (duplicate id, too many reactions)."""
 
 
 async def _lost(conn: asyncpg.Connection, exc: BaseException) -> bool:

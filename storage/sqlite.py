@@ -19,6 +19,8 @@ Theory of operation
   history (keep the newest ``history_keep`` rows with id <= the new upto_id) -- only if the
   snapshot's ``upto_id`` is still the one read, otherwise someone else (another task or process)
   compacted first and we start over. Rows with ids above the folded ones are never touched.
+* Chat (``chat_*`` tables, schema version 3): each write is its own ``BEGIN IMMEDIATE`` transaction
+  on the writer (read-modify-write of reactions is safe under it), reads use the reader.
 * Metadata (``meta`` table): ``put_meta`` is its own ``BEGIN IMMEDIATE`` transaction on the writer
   connection (between two batches), reads use the reader.
 * Failure: a batch whose transaction fails is rolled back and every append in it raises StoreError;
@@ -38,7 +40,8 @@ import sqlite3
 import time
 from os import PathLike
 from pathlib import Path
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, TypeVar
 
 import aiosqlite
 
@@ -59,6 +62,23 @@ from .base import (
     fold_updates,
     prefix_upper_bound,
 )
+from .chat import (
+    COLUMNS as CHAT_COLUMNS,
+    ChatMention,
+    ChatMessage,
+    check_chat_id,
+    check_chat_message,
+    check_chat_text,
+    check_emoji,
+    check_limit,
+    check_mentions,
+    check_user,
+    dump_mentions,
+    dump_reactions,
+    from_row,
+    to_row,
+    toggle_reaction,
+)
 from .groupcommit import (
     DEFAULT_MAX_PENDING,
     DEFAULT_MAX_PENDING_BYTES,
@@ -68,7 +88,7 @@ from .groupcommit import (
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
         # AUTOINCREMENT: ids are never reused (see theory of operation).
@@ -97,6 +117,40 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
                PRIMARY KEY (room, key)
            ) WITHOUT ROWID""",
     ),
+    3: (
+        # Chat (storage.chat). Message ids are server-made sortable strings; BINARY collation
+        # orders them bytewise, which is their sort order.
+        """CREATE TABLE chat_messages (
+               room        TEXT NOT NULL,
+               id          TEXT NOT NULL,
+               author      TEXT NOT NULL,
+               author_name TEXT NOT NULL,
+               text        TEXT NOT NULL,
+               ts          REAL NOT NULL,
+               reply_to    TEXT,
+               anchor      TEXT,
+               mentions    TEXT NOT NULL DEFAULT '[]',
+               reactions   TEXT NOT NULL DEFAULT '{}',
+               edited_ts   REAL,
+               deleted     INTEGER NOT NULL DEFAULT 0,
+               PRIMARY KEY (room, id)
+           ) WITHOUT ROWID""",
+        """CREATE TABLE chat_mentions (
+               user_id    TEXT NOT NULL,
+               room       TEXT NOT NULL,
+               message_id TEXT NOT NULL,
+               read       INTEGER NOT NULL DEFAULT 0,
+               PRIMARY KEY (user_id, room, message_id)
+           ) WITHOUT ROWID""",
+        "CREATE INDEX chat_mentions_by_user ON chat_mentions (user_id, read, message_id)",
+        """CREATE TABLE chat_users (
+               room      TEXT NOT NULL,
+               user_id   TEXT NOT NULL,
+               name      TEXT NOT NULL,
+               last_seen REAL NOT NULL,
+               PRIMARY KEY (room, user_id)
+           ) WITHOUT ROWID""",
+    ),
 }
 
 # How long a writer waits for another process's write lock before its commit fails.
@@ -107,6 +161,8 @@ WAL_SIZE_LIMIT = 64 * 1024 * 1024
 COMPACT_ATTEMPTS = 3
 # Remember this many room names known to be in the rooms table (skips a statement per batch).
 KNOWN_ROOMS_CACHE = 100_000
+
+T = TypeVar("T")
 
 Synchronous = Literal["FULL", "NORMAL"]
 
@@ -414,6 +470,182 @@ class SQLiteStore(GroupCommitStore):
             self._writer_suspect = True
             raise StoreError(f"writing meta {key!r} of {room!r} failed: {exc}") from exc
 
+    # -- chat --------------------------------------------------------------------------------
+
+    async def _chat_write(self, what: str, fn: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
+        """``fn`` in one BEGIN IMMEDIATE transaction on the writer, committed before returning."""
+        self._check_open()
+        try:
+            async with self._write_lock:
+                db = await self._writable()
+                try:
+                    await db.execute("BEGIN IMMEDIATE")
+                    result = await fn(db)
+                    await db.execute("COMMIT")
+                    return result
+                except BaseException:
+                    await _rollback(db)
+                    raise
+        except _ChatConflict as conflict:
+            raise ValueError(str(conflict)) from None
+        except (sqlite3.Error, ValueError) as exc:
+            self._writer_suspect = True
+            raise StoreError(f"chat {what} failed: {exc}") from exc
+
+    async def chat_add(self, message: ChatMessage) -> None:
+        check_chat_message(message)
+
+        async def write(db: aiosqlite.Connection) -> None:
+            try:
+                await db.execute(
+                    f"INSERT INTO chat_messages ({CHAT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    to_row(message),
+                )
+            except sqlite3.IntegrityError:
+                raise _ChatConflict(f"message {message.id!r} already exists in {message.room!r}") from None
+            await db.executemany(
+                "INSERT OR IGNORE INTO chat_mentions (user_id, room, message_id, read) VALUES (?, ?, ?, 0)",
+                [(user, message.room, message.id) for user in message.mentions],
+            )
+
+        await self._chat_write("add", write)
+
+    async def chat_get(self, room: str, message_id: str) -> ChatMessage | None:
+        check_room(room)
+        check_chat_id("message id", message_id)
+        async with self._reading() as db:
+            rows = list(await db.execute_fetchall(
+                f"SELECT {CHAT_COLUMNS} FROM chat_messages WHERE room = ? AND id = ?", (room, message_id)))
+        return from_row(rows[0]) if rows else None
+
+    async def chat_history(self, room: str, *, before: str | None = None, limit: int = 50) -> list[ChatMessage]:
+        check_room(room)
+        check_limit(limit)
+        sql = f"SELECT {CHAT_COLUMNS} FROM chat_messages WHERE room = ?"
+        args: list[Any] = [room]
+        if before is not None:
+            check_chat_id("before", before)
+            sql += " AND id < ?"
+            args.append(before)
+        async with self._reading() as db:
+            rows = await db.execute_fetchall(sql + " ORDER BY id DESC LIMIT ?", (*args, limit))
+        return [from_row(row) for row in reversed(list(rows))]
+
+    async def _locked_message(self, db: aiosqlite.Connection, room: str, message_id: str) -> ChatMessage | None:
+        rows = list(await db.execute_fetchall(
+            f"SELECT {CHAT_COLUMNS} FROM chat_messages WHERE room = ? AND id = ?", (room, message_id)))
+        return from_row(rows[0]) if rows else None
+
+    async def chat_edit(self, room: str, message_id: str, text: str, *, mentions: tuple[str, ...] = (),
+                        edited_ts: float | None = None) -> ChatMessage | None:
+        check_room(room)
+        check_chat_id("message id", message_id)
+        check_chat_text(text)
+        check_mentions(mentions)
+        stamp = time.time() if edited_ts is None else edited_ts
+
+        async def write(db: aiosqlite.Connection) -> ChatMessage | None:
+            current = await self._locked_message(db, room, message_id)
+            if current is None or current.deleted:
+                return None
+            await db.execute(
+                "UPDATE chat_messages SET text = ?, mentions = ?, edited_ts = ? WHERE room = ? AND id = ?",
+                (text, dump_mentions(mentions), stamp, room, message_id),
+            )
+            gone = [(user, room, message_id) for user in current.mentions if user not in mentions]
+            await db.executemany(
+                "DELETE FROM chat_mentions WHERE user_id = ? AND room = ? AND message_id = ?", gone)
+            await db.executemany(
+                "INSERT OR IGNORE INTO chat_mentions (user_id, room, message_id, read) VALUES (?, ?, ?, 0)",
+                [(user, room, message_id) for user in mentions],
+            )
+            return await self._locked_message(db, room, message_id)
+
+        return await self._chat_write("edit", write)
+
+    async def chat_delete(self, room: str, message_id: str) -> ChatMessage | None:
+        check_room(room)
+        check_chat_id("message id", message_id)
+
+        async def write(db: aiosqlite.Connection) -> ChatMessage | None:
+            await db.execute(
+                "UPDATE chat_messages SET text = '', anchor = NULL, mentions = '[]', reactions = '{}', "
+                "deleted = 1 WHERE room = ? AND id = ?", (room, message_id))
+            await db.execute("DELETE FROM chat_mentions WHERE room = ? AND message_id = ?", (room, message_id))
+            return await self._locked_message(db, room, message_id)
+
+        return await self._chat_write("delete", write)
+
+    async def chat_react(self, room: str, message_id: str, emoji: str, user: str) -> ChatMessage | None:
+        check_room(room)
+        check_chat_id("message id", message_id)
+        check_emoji(emoji)
+        check_user(user)
+
+        async def write(db: aiosqlite.Connection) -> ChatMessage | None:
+            current = await self._locked_message(db, room, message_id)
+            if current is None or current.deleted:
+                return None
+            try:
+                reactions = toggle_reaction(current.reactions, emoji, user)
+            except ValueError as exc:
+                raise _ChatConflict(str(exc)) from None
+            await db.execute("UPDATE chat_messages SET reactions = ? WHERE room = ? AND id = ?",
+                             (dump_reactions(reactions), room, message_id))
+            return await self._locked_message(db, room, message_id)
+
+        return await self._chat_write("react", write)
+
+    async def chat_mentions(self, user: str, *, unread_only: bool = True, before: str | None = None,
+                            limit: int = 100) -> list[ChatMention]:
+        check_user(user)
+        check_limit(limit)
+        columns = ", ".join(f"c.{c.strip()}" for c in CHAT_COLUMNS.split(","))
+        sql = (f"SELECT m.read, {columns} FROM chat_mentions m JOIN chat_messages c "
+               "ON c.room = m.room AND c.id = m.message_id WHERE m.user_id = ?")
+        args: list[Any] = [user]
+        if unread_only:
+            sql += " AND m.read = 0"
+        if before is not None:
+            check_chat_id("before", before)
+            sql += " AND m.message_id < ?"
+            args.append(before)
+        async with self._reading() as db:
+            rows = await db.execute_fetchall(sql + " ORDER BY m.message_id DESC LIMIT ?", (*args, limit))
+        return [ChatMention(user=user, read=bool(row[0]), message=from_row(row[1:])) for row in rows]
+
+    async def chat_mark_read(self, user: str, room: str, upto: str) -> int:
+        check_user(user)
+        check_room(room)
+        check_chat_id("upto", upto)
+
+        async def write(db: aiosqlite.Connection) -> int:
+            cursor = await db.execute(
+                "UPDATE chat_mentions SET read = 1 WHERE user_id = ? AND room = ? AND message_id <= ? "
+                "AND read = 0", (user, room, upto))
+            return int(cursor.rowcount)
+
+        return await self._chat_write("mark read", write)
+
+    async def chat_put_user(self, room: str, user: str, name: str) -> None:
+        check_room(room)
+        check_user(user, name)
+
+        async def write(db: aiosqlite.Connection) -> None:
+            await db.execute(
+                "INSERT INTO chat_users (room, user_id, name, last_seen) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (room, user_id) DO UPDATE SET name = excluded.name, last_seen = excluded.last_seen",
+                (room, user, name, time.time()))
+
+        await self._chat_write("put user", write)
+
+    async def chat_users(self, room: str) -> dict[str, str]:
+        check_room(room)
+        async with self._reading() as db:
+            rows = await db.execute_fetchall(
+                "SELECT user_id, name FROM chat_users WHERE room = ? ORDER BY user_id", (room,))
+        return {str(u): str(n) for u, n in rows}
+
     # -- compaction --------------------------------------------------------------------------
 
     async def compact(self, room: str) -> bool:
@@ -471,6 +703,10 @@ class SQLiteStore(GroupCommitStore):
 
 class _TooManyKeys(Exception):
     pass
+
+
+class _ChatConflict(Exception):
+    """A chat write refused for a reason the caller caused (duplicate id, too many reactions)."""
 
 
 class _Reading:

@@ -10,10 +10,9 @@ import asyncpg
 
 import pytest
 
-from servers import ServerProcess
+from servers import SECRET, ServerProcess  # noqa: F401 - SECRET re-exported for fixtures
 from yjs import NodeYjs, ensure_node_modules
 
-SECRET = "test-secret-0123456789abcdef-0123"
 POSTGRES_ADMIN_URL = os.environ.get(
     "COLLAB_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
 )

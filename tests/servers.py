@@ -16,6 +16,7 @@ import httpx
 from yjs import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+SECRET = "test-secret-0123456789abcdef-0123"  # the signing secret tests pass to --secret
 
 
 class ServerProcess:
@@ -143,7 +144,10 @@ class InProcessServer:
     (`collab.bus.LocalNetwork`) to exercise multi-node paths without Redis.
     """
 
-    def __init__(self, data_dir: Path, *, network=None, store=None, **settings: Any) -> None:
+    def __init__(self, data_dir: Path, *, network=None, store=None, clock=None, services=None,
+                 **settings: Any) -> None:
+        """``clock``: the hub's clock (a fake one makes timeout tests instant); ``services``: replaces
+        the default services (e.g. a PresenceService with test settings)."""
         from collab.settings import load_settings
 
         self.port = settings.pop("port", None) or free_port()
@@ -152,6 +156,8 @@ class InProcessServer:
         self.settings = load_settings(flags, environ={})
         self.network = network
         self._store = store
+        self._clock = clock
+        self._services = services
         self.app = None
         self._server = None
         self._task: asyncio.Task | None = None
@@ -173,7 +179,8 @@ class InProcessServer:
 
         from collab.app import create_app
 
-        self.app = create_app(self.settings, network=self.network, store=self._store)
+        extra = {"clock": self._clock} if self._clock is not None else {}
+        self.app = create_app(self.settings, network=self.network, store=self._store, services=self._services, **extra)
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, ws=self.settings.ws_impl,
                                 lifespan="on", log_config=None, access_log=False, ws_per_message_deflate=False,
                                 ws_max_size=self.settings.max_frame_bytes + 65536)

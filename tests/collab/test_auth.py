@@ -11,7 +11,7 @@ from websockets.asyncio.client import connect
 
 from clients import YClient
 from collab.auth import issue_token
-from conftest import SECRET
+from servers import SECRET
 from servers import wait_until
 
 

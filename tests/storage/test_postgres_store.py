@@ -141,7 +141,8 @@ async def test_many_processes_opening_a_new_schema_migrate_once(opened, admin) -
         "SELECT table_name FROM information_schema.tables WHERE table_schema = $1 ORDER BY 1",
         schema,
     )
-    assert [t[0] for t in tables] == ["meta", "rooms", "schema_version", "snapshots", "updates"]
+    assert [t[0] for t in tables] == ["chat_mentions", "chat_messages", "chat_users", "meta", "rooms", "schema_version",
+                                      "snapshots", "updates"]
     ids = await asyncio.gather(*(s.append("r", update_of(f"{n}")) for n, s in enumerate(stores)))
     assert len(set(ids)) == 8
 

@@ -122,7 +122,7 @@ async def test_a_version_1_file_is_migrated_in_place(opened, tmp_path: Path) -> 
     await store.put_meta("r", "owner", b"alice")
     assert await store.list_meta("r") == {"owner": b"alice"}
     with sqlite3.connect(tmp_path / "collab.db") as probe:
-        assert probe.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+        assert probe.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
 
 
 async def test_a_newer_schema_is_refused(opened, tmp_path: Path) -> None:
