@@ -46,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_bench_parser(sub)
+    try:
+        from clients.bridge import add_edit_parser
+    except ImportError:
+        pass
+    else:
+        add_edit_parser(sub)
     return parser
 
 
@@ -92,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(issue_token(secret, user=args.user, name=args.name, rooms=args.rooms or ["*"],
                           role=args.role, ttl_seconds=args.ttl))
         return 0
-    if args.command == "bench":
+    if args.command in ("bench", "edit"):
         return int(args.func(args) or 0)
     parser.error(f"unknown command {args.command}")
     return 2

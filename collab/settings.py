@@ -66,6 +66,10 @@ class Settings:
     compact_after_bytes: int = field(default=1024 * 1024, metadata={"help": "…or past this many bytes"})
     sqlite_synchronous: str = field(default="FULL", metadata={"help": "FULL (power-loss safe) or NORMAL (crash safe)"})
 
+    # Per-user undo.
+    undo_capture_ms: int = field(default=500, metadata={"help": "a user's edits closer than this form one undo group"})
+    undo_depth: int = field(default=100, metadata={"help": "undo (and redo) groups kept per user per room"})
+
     # Chat.
     chat_max_chars: int = field(default=4000, metadata={"help": "characters in one chat message"})
     chat_rate: float = field(default=1.0, metadata={"help": "chat writes per second per user (sustained)"})
@@ -113,7 +117,7 @@ class Settings:
                      "compact_after_updates", "compact_after_bytes", "turn_ttl", "signaling_max_topics",
                      "signaling_max_message_bytes", "signaling_burst", "signaling_max_bad_frames",
                      "signaling_outbox_frames", "signaling_outbox_bytes", "signaling_rate",
-                     "chat_max_chars", "chat_rate", "chat_burst", "chat_max_page"):
+                     "chat_max_chars", "chat_rate", "chat_burst", "chat_max_page", "undo_capture_ms", "undo_depth"):
             check(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive")
         for name in ("rate_limit", "keepalive_seconds", "awareness_timeout_seconds", "drain_seconds",
                      "resync_seconds", "node_timeout_seconds"):
