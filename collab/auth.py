@@ -76,16 +76,19 @@ def verify_token(secret: str, token: str) -> Identity:
                     expires_at=float(exp) if isinstance(exp, (int, float)) else None)
 
 
-def dev_identity(name: str | None) -> Identity:
+def dev_identity(name: str | None, role: str | None = None) -> Identity:
+    """Open dev mode: everyone may edit, so the only meaningful choice is to demote oneself to
+    viewer (``?role=viewer``, used by dev-mode viewer invite links) — enforced like a token role."""
     display = (name or "").strip()[:200] or "Anonymous"
     user_id = f"dev:{display}" if name else f"anon:{uuid.uuid4().hex[:8]}"
-    return Identity(user_id=user_id, name=display, role="editor", rooms=("*",))
+    return Identity(user_id=user_id, name=display, role="viewer" if role == "viewer" else "editor", rooms=("*",))
 
 
-def authenticate(secret: str | None, token: str | None, room: str, dev_name: str | None = None) -> Identity:
+def authenticate(secret: str | None, token: str | None, room: str, dev_name: str | None = None,
+                 dev_role: str | None = None) -> Identity:
     """Return the identity for this connection or raise AccessDenied with its close code."""
     if secret is None:
-        return dev_identity(dev_name)
+        return dev_identity(dev_name, dev_role)
     if not token:
         raise AccessDenied("token required", UNAUTHORIZED)
     identity = verify_token(secret, token)

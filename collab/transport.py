@@ -76,7 +76,8 @@ class WebsocketEndpoint:
         token, subprotocol = _token(ws)
         problem = room_name_problem(name)
         try:
-            identity = authenticate(settings.secret, token, name, ws.query_params.get("name"))
+            identity = authenticate(settings.secret, token, name, ws.query_params.get("name"),
+                                    ws.query_params.get("role"))
         except AccessDenied as denied:
             await self._refuse(ws, denied.code, denied.reason, subprotocol)
             return

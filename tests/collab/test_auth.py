@@ -101,3 +101,15 @@ def test_collab_token_cli_prints_a_verifiable_token_on_its_last_line():
     identity = verify_token(SECRET, done.stdout.strip().splitlines()[-1])
     assert (identity.user_id, identity.name, identity.role, identity.rooms) == ("alice", "Alice", "viewer", ("team/*",))
     assert identity.allows("team/x") and not identity.allows("other")
+
+
+async def test_dev_mode_viewer_link_is_enforced_by_the_server(server, node):
+    editor = await node.client(server.url, "dev-view", params={"name": "Ed"})
+    await editor.insert(0, "base")
+    viewer = await node.client(server.url, "dev-view", params={"name": "Vi", "role": "viewer"})
+    await viewer.wait_text("base")
+    await viewer.append(" forced")
+    await viewer.wait_event("permission-denied", timeout=5)
+    await editor.append("!")
+    async with YClient(server.url, "dev-view") as fresh:
+        await fresh.wait_for(lambda: fresh.text() == "base!", timeout=5, what="only the editor's edit")
