@@ -39,9 +39,13 @@ def make_bus(settings: Settings, metrics: Metrics,
 
 def default_services(settings: Settings, store: Store) -> list[Service]:
     """The features every server runs, wired here so that the layers never import each other."""
+    from presence import PresenceService  # noqa: PLC0415 - services are wired here, imported lazily
     from signaling import SignalingService  # noqa: PLC0415 - services are wired here, imported lazily
+    from collab.undo import UndoService  # noqa: PLC0415 - services are wired here, imported lazily
+    from collab.webapp import WebAppService  # noqa: PLC0415 - services are wired here, imported lazily
+    from collab.chat import ChatService  # noqa: PLC0415 - services are wired here, imported lazily
 
-    return [SignalingService()]
+    return [SignalingService(), PresenceService(), UndoService(), WebAppService(settings, store), ChatService()]
 
 
 def create_app(settings: Settings, *, store: Store | None = None, network: LocalNetwork | None = None,

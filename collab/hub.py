@@ -240,8 +240,11 @@ class Hub:
 
     def deliver(self, message: BusMessage) -> None:
         kind = message.kind
-        service = self._bus_kinds.get(kind)
-        if service is not None:
+        if kind in (CONTROL_NODE_DOWN, CONTROL_RESYNC):
+            for svc in self.services:  # control messages reach every service that lists them, then the hub
+                if kind in svc.bus_kinds:
+                    svc.on_bus(self.rooms.get(message.room), message)
+        elif (service := self._bus_kinds.get(kind)) is not None:
             service.on_bus(self.rooms.get(message.room), message)
             return
         if kind == CONTROL_NODE_DOWN:

@@ -66,6 +66,16 @@ class Settings:
     compact_after_bytes: int = field(default=1024 * 1024, metadata={"help": "…or past this many bytes"})
     sqlite_synchronous: str = field(default="FULL", metadata={"help": "FULL (power-loss safe) or NORMAL (crash safe)"})
 
+    # Presence.
+    presence_flush_ms: float = field(default=50.0, metadata={"help": "coalesce a room's awareness relay this long (0 = at once)"})
+    presence_rate: float = field(default=30.0, metadata={"help": "awareness changes per second per connection (sustained)"})
+    presence_burst: int = field(default=60, metadata={"help": "awareness changes a connection may make in a burst"})
+    presence_idle_seconds: float = field(default=60.0, metadata={"help": "no edit or awareness change this long = idle"})
+    presence_hidden_viewer_rooms: str = field(default="", metadata={"help": "room globs whose viewers do not share presence"})
+    presence_sync_seconds: float = field(default=10.0, metadata={"help": "nodes re-announce their sessions this often"})
+    presence_feed_max: int = field(default=1000, metadata={"help": "workspace presence feed subscribers per node"})
+    presence_feed_queue: int = field(default=1000, metadata={"help": "events queued to a slow feed subscriber before close"})
+
     # Per-user undo.
     undo_capture_ms: int = field(default=500, metadata={"help": "a user's edits closer than this form one undo group"})
     undo_depth: int = field(default=100, metadata={"help": "undo (and redo) groups kept per user per room"})
@@ -117,7 +127,9 @@ class Settings:
                      "compact_after_updates", "compact_after_bytes", "turn_ttl", "signaling_max_topics",
                      "signaling_max_message_bytes", "signaling_burst", "signaling_max_bad_frames",
                      "signaling_outbox_frames", "signaling_outbox_bytes", "signaling_rate",
-                     "chat_max_chars", "chat_rate", "chat_burst", "chat_max_page", "undo_capture_ms", "undo_depth"):
+                     "chat_max_chars", "chat_rate", "chat_burst", "chat_max_page", "undo_capture_ms", "undo_depth",
+                     "presence_rate", "presence_burst", "presence_idle_seconds", "presence_sync_seconds",
+                     "presence_feed_max", "presence_feed_queue"):
             check(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive")
         for name in ("rate_limit", "keepalive_seconds", "awareness_timeout_seconds", "drain_seconds",
                      "resync_seconds", "node_timeout_seconds"):
@@ -126,6 +138,7 @@ class Settings:
             check(url.startswith("stun:") or url.startswith("stuns:"), f"--stun-urls: not a stun: URL: {url!r}")
         for url in filter(None, (u.strip() for u in self.turn_urls.split(","))):
             check(url.startswith(("turn:", "turns:")), f"--turn-urls: not a turn: URL: {url!r}")
+        check(self.presence_flush_ms >= 0, "--presence-flush-ms must not be negative")
         check(self.chat_history_on_join >= 0, "--chat-history-on-join must not be negative")
         check(self.room_grace_seconds >= 0, "--room-grace-seconds must not be negative")
         return self

@@ -163,6 +163,16 @@ const commands = {
     getClient(args).provider.awareness.setLocalState(need(args, 'state'))
     return null
   },
+  // The y-codemirror convention: state.cursor = {anchor, head} as Yjs RelativePositions.
+  set_cursor: (args) => {
+    const c = getClient(args)
+    const ytext = c.doc.getText(args.name ?? 'text')
+    c.provider.awareness.setLocalStateField('cursor', {
+      anchor: Y.createRelativePositionFromTypeIndex(ytext, need(args, 'anchor')),
+      head: Y.createRelativePositionFromTypeIndex(ytext, need(args, 'head'))
+    })
+    return null
+  },
   awareness: (args) => Object.fromEntries(
     Array.from(getClient(args).provider.awareness.getStates(), ([id, state]) => [String(id), state])),
   client_id: (args) => getClient(args).doc.clientID,
