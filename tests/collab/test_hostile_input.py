@@ -4,6 +4,7 @@ storage and the other clients carry on undisturbed."""
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import pycrdt
 import pytest
@@ -110,13 +111,16 @@ async def test_flood_is_closed_with_1013_while_another_client_edits_undisturbed(
 
 
 async def test_client_that_stops_reading_is_closed_and_memory_stays_bounded(server_factory, node):
-    srv = await server_factory(outbox_max_bytes=2 * 1024 * 1024, max_frame_bytes=1024 * 1024)
-    # A raw client that never reads: tiny receive buffer, no reader task.
-    slow = await connect(srv.url + "/slow", max_size=None, compression=None, ping_interval=None,
+    srv = await server_factory(outbox_max_bytes=256 * 1024, max_frame_bytes=128 * 1024)
+    # A raw client that never reads: a tiny kernel receive buffer, and no reader task.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", srv.port))
+    slow = await connect(srv.url + "/slow", sock=sock, max_size=None, compression=None, ping_interval=None,
                          max_queue=1)
     writer = await node.client(srv.url, "slow")
-    chunk = "y" * 16_000
-    for _ in range(1500):  # up to ~24 MB relayed towards a reader that never reads
+    chunk = "y" * 60_000
+    for _ in range(500):  # up to ~30 MB relayed towards a reader that never reads
         await writer.append(chunk)
         if await srv.metric("collab_closes_total", '{code="1013"}') >= 1:
             break
