@@ -270,8 +270,7 @@ class Room:
             if to_store:
                 started = time.perf_counter()
                 try:
-                    now = time.time()
-                    await asyncio.gather(*(store.append(self.name, p.update, author=p.author, ts=now) for p in to_store))
+                    await store.append_many(self.name, [(p.update, p.author) for p in to_store], ts=time.time())
                 except Exception:
                     metrics.storage_errors.inc()
                     self.log.exception("storage append failed; closing room members")

@@ -108,7 +108,7 @@ class WebsocketEndpoint:
                 conn.close(closecodes.TRY_AGAIN_LATER, "room unavailable")
                 await self._close(ws, conn)
                 return
-            await self._serve(ws, conn, room)
+            await self._serve(ws, conn, room, receive, send)
         finally:
             hub.unregister(conn)
 
@@ -120,14 +120,19 @@ class WebsocketEndpoint:
         await ws.accept(subprotocol=subprotocol)
         await ws.close(code, reason)
 
-    async def _serve(self, ws: WebSocket, conn: Connection, room) -> None:
+    async def _serve(self, ws: WebSocket, conn: Connection, room, receive, send) -> None:
         bind = log.bind(room=room.name, conn=conn.id, user=conn.identity.user_id)
         bind.info("connected", role=conn.identity.role, peer=conn.peer)
         room.join(conn)
         try:
             async with asyncio.TaskGroup() as tg:
-                writer = tg.create_task(conn.write_loop(ws.send_bytes))
-                reader = tg.create_task(self._read_loop(ws, conn, room))
+                # After the handshake the hot path talks ASGI directly: starlette's WebSocket
+                # wrappers only re-check a state we already know, once per frame.
+                async def send_frame(frame: bytes) -> None:
+                    await send({"type": "websocket.send", "bytes": frame})
+
+                writer = tg.create_task(conn.write_loop(send_frame))
+                reader = tg.create_task(self._read_loop(receive, conn, room))
                 conn.bind_reader(reader)
                 await reader
                 # Whatever ended the reader, nothing more goes out: a closing connection's outbox
@@ -140,11 +145,10 @@ class WebsocketEndpoint:
             await self._close(ws, conn)
             bind.info("disconnected", code=conn.close_code, reason=conn.close_reason)
 
-    async def _read_loop(self, ws: WebSocket, conn: Connection, room) -> None:
+    async def _read_loop(self, receive, conn: Connection, room) -> None:
         limits = self.limits
         metrics = self.hub.metrics
         clock = self.hub.clock
-        receive = ws.receive
         try:
             while True:
                 event = await receive()

@@ -43,6 +43,7 @@ tail, so its cost is bounded by how often the room is compacted, not by the room
 from __future__ import annotations
 
 import abc
+import asyncio
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -126,6 +127,13 @@ class Store(abc.ABC):
         too long), StoreError if the commit failed.
         Waits (backpressure) while too many appends are already waiting for their commit.
         """
+
+    async def append_many(
+        self, room: str, updates: list[tuple[bytes, str | None]], *, ts: float | None = None
+    ) -> list[int]:
+        """Append several ``(update, author)`` pairs of one room; ids in list order, each durable
+        when this returns. Backends with group commit override this to skip per-update tasks."""
+        return list(await asyncio.gather(*(self.append(room, u, author=a, ts=ts) for u, a in updates)))
 
     @abc.abstractmethod
     async def load(self, room: str) -> RoomState:

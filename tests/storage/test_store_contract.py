@@ -584,3 +584,23 @@ async def test_concurrent_meta_writers_leave_one_value(store: Store, open_new) -
     assert sorted(values) == [f"k{n}" for n in range(5)]
     assert values == await other.list_meta("c")
     assert all(int(v) % 5 == int(k[1]) for k, v in values.items())
+
+
+async def test_append_many_is_durable_in_order_with_authors(store):
+    doc = pycrdt.Doc()
+    text = doc.get("text", type=pycrdt.Text)
+    updates: list[bytes] = []
+    doc.observe(lambda event: updates.append(bytes(event.update)))
+    for i in range(30):
+        text.insert(len(str(text)), str(i % 10))
+    pairs = [(u, f"user-{i % 3}") for i, u in enumerate(updates)]
+    first, rest = await asyncio.gather(store.append_many("many", pairs[:10]), store.append_many("many", pairs[10:]))
+    ids = first + rest
+    assert ids == sorted(ids) and len(set(ids)) == 30
+    rows = await store.history("many")
+    assert [r.author for r in rows] == [a for _, a in pairs]
+    state = await store.load("many")
+    fresh = pycrdt.Doc()
+    for u in state.updates:
+        fresh.apply_update(u)
+    assert str(fresh.get("text", type=pycrdt.Text)) == str(text)
