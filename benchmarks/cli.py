@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks.servers import COLLAB_UNLIMITED, KINDS, BenchServer, make_server
+from benchmarks.servers import COLLAB_UNLIMITED, EXTRA_KINDS, KINDS, BenchServer, make_server
 
 
 def parse_rate(text: str) -> float:
@@ -57,7 +57,7 @@ def _server_flags(pairs: list[str] | None) -> dict[str, Any]:
 def _add_target(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("target")
     g.add_argument("--url", help="websocket base URL of a running y-websocket-compatible server")
-    g.add_argument("--server", choices=KINDS, default="collab",
+    g.add_argument("--server", choices=KINDS + EXTRA_KINDS, default="collab",
                    help="without --url: which server to start on loopback (default collab)")
     g.add_argument("--server-pid", type=int, help="with --url: the server's pid, to report its CPU and RSS")
     g.add_argument("--server-flag", action="append", metavar="KEY=VALUE",
@@ -74,7 +74,7 @@ async def _target(args: argparse.Namespace, **default_flags: Any) -> AsyncIterat
     if args.url:
         yield args.url.rstrip("/"), args.server_pid, None
         return
-    flags = {**default_flags, **_server_flags(args.server_flag)} if args.server == "collab" else {}
+    flags = {**default_flags, **_server_flags(args.server_flag)} if args.server.startswith("collab") else {}
     server = make_server(args.server, **flags)
     await server.start()
     try:
@@ -114,10 +114,19 @@ async def _load(args: argparse.Namespace) -> int:
                 out.write(search)
                 plots.plot_search({label: search}, out.dir / f"{name}.png", p99_limit=args.p99_limit * 1000)
                 verdict = (f"sustainable: {search['sustainable_updates_per_s']:,.0f} updates/s at p99 "
-                           f"{search['sustainable_p99_ms']} ms" + (" (client-limited: a lower bound)" if search["client_limited"] else ""))
+                           f"{search['sustainable_p99_ms']} ms" + (f" (a lower bound: {search['lower_bound_reason']})" if search["client_limited"] else ""))
             else:
+                profiler = None
+                if args.profile and pid:
+                    from benchmarks.profile import Profiler
+
+                    profiler = Profiler(pid, args.duration, out.dir / name)
+                    await profiler.__aenter__()
                 step = await runner.step(args.rate * spec.senders, args.duration, drain=args.drain,
                                          warmup=args.warmup)
+                if profiler is not None:
+                    await profiler.__aexit__(None, None, None)
+                    step["profile"] = str(profiler.txt) if profiler.error is None else profiler.error
                 ok, why = step_passes(step, args.p99_limit * 1000)
                 step["passed"], step["verdict"] = ok, why
                 out.write(step)
@@ -131,7 +140,7 @@ async def _load(args: argparse.Namespace) -> int:
 
 
 async def _replay(args: argparse.Namespace) -> int:
-    from benchmarks.replay import build_updates, load_trace, replay
+    from benchmarks.replay import build_updates, load_trace, reference_rate, replay
     from benchmarks.report import JsonLines
 
     log = _log(args)
@@ -139,6 +148,8 @@ async def _replay(args: argparse.Namespace) -> int:
     trace = load_trace(args.trace)
     log(f"building {args.limit or len(trace['txns']):,} updates of {trace['name']} for {args.writers} writer(s)…")
     built = build_updates(trace, writers=args.writers, block=args.block, limit=args.limit, log=log)
+    if args.writers == 1 and args.pace == "max":
+        reference_rate(trace, built, args.limit)
     log(f"  built in {built.build_seconds:.1f}s; pycrdt alone: "
         + (f"{built.inprocess_txns_per_s:,.0f} txns/s applying the trace, " if built.inprocess_txns_per_s else "")
         + f"{built.apply_updates_per_s:,.0f} updates/s applying the updates")
@@ -152,11 +163,23 @@ async def _replay(args: argparse.Namespace) -> int:
             await restart()
 
         out = JsonLines(name, args.out, header={"command": " ".join(sys.argv[1:]), "server": server.kind if server else url})
+        profiler = None
+        if args.profile and _pid:
+            from benchmarks.profile import Profiler
+
+            profiler = Profiler(_pid, args.profile, out.dir / name)
+            await profiler.__aenter__()
         result = await replay(url, built, writers=args.writers, readers=args.readers, pace=args.pace,
                               speed=args.speed, max_gap=args.max_gap, typing_rate=args.typing_rate,
                               restart=do_restart if restart else None, log=log)
+        if profiler is not None:
+            await profiler.__aexit__(None, None, None)
+            result["profile"] = str(profiler.txt) if profiler.error is None else profiler.error
         out.write(result)
-    print(f"results: {out.path}")
+    from benchmarks import plots
+
+    plots.plot_replay(result, out.dir / f"{name}.png")
+    print(f"results: {out.path} and {out.dir / (name + '.png')}")
     return 0 if result["verified"] else 1
 
 
@@ -176,8 +199,12 @@ async def _idle(args: argparse.Namespace) -> int:
         result = await idle(url, pid, connections=args.connections, per_room=args.per_room, doc_chars=args.doc_chars,
                             log=_log(args))
         out.write(result)
+    from benchmarks import plots
+
+    plots.plot_bars({"per idle connection": result["per_connection_kb"], "per loaded room": result["per_room_kb"]},
+                    out.dir / f"{name}.png", f"server memory, {result['opened']:,} connections", "KiB", target=30)
     print(f"{result['per_connection_kb']} KiB per idle connection, {result['per_room_kb']} KiB per loaded room\n"
-          f"results: {out.path}")
+          f"results: {out.path} and {out.dir / (name + '.png')}")
     return 0
 
 
@@ -209,9 +236,13 @@ async def _join(args: argparse.Namespace) -> int:
         result = await join_times(url, room, server=server if server and server.kind != "node" else None,
                                   expected=expected, warm=args.warm, cold=args.cold, log=log)
         out.write(result)
+    from benchmarks import plots
+
+    plots.plot_bars({"warm join": result["warm_ms"]["median"], "cold join": result["cold_ms"]["median"]},
+                    out.dir / f"{name}.png", f"join a {result['document_bytes']:,}-byte document", "ms")
     print(f"warm {result['warm_ms']['median']} ms, cold {result['cold_ms']['median']} ms"
           + (f" (cold/warm {result.get('cold_over_warm')})" if result.get("cold_over_warm") else "")
-          + f"\nresults: {out.path}")
+          + f"\nresults: {out.path} and {out.dir / (name + '.png')}")
     return 0
 
 
@@ -234,13 +265,18 @@ def _run(coro_fn):
 def _make_run(args: argparse.Namespace) -> int:
     from benchmarks import run
 
-    return run.main(["--quick"] if args.quick else [])
+    argv = ["--quick"] if args.quick else []
+    if args.nice is not None:
+        argv += ["--nice", str(args.nice)]
+    return run.main(argv)
 
 
 def _make_compare(args: argparse.Namespace) -> int:
     from benchmarks import compare
 
     argv = ["--quick"] if args.quick else []
+    if args.nice is not None:
+        argv += ["--nice", str(args.nice)]
     if args.servers:
         argv += ["--servers", args.servers]
     return compare.main(argv)
@@ -261,6 +297,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     load.add_argument("--warmup", type=parse_duration, default=1.0, help="first seconds left out of the stats (1s)")
     load.add_argument("--drain", type=parse_duration, default=3.0, help="wait for late deliveries (3s)")
     load.add_argument("--workers", type=int, help="generator processes (default: half the cores, at least 1)")
+    load.add_argument("--profile", action="store_true",
+                      help="record the server with py-spy during the run: <name>-profile.txt and .svg")
     load.add_argument("--search", action="store_true",
                       help="step the total rate up until p99 exceeds --p99-limit: the sustainable rate")
     load.add_argument("--start-rate", type=float, help="search: first total rate, updates/s")
@@ -282,6 +320,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                     help="recorded pace for traces without usable timestamps: transactions/s")
     rp.add_argument("--limit", type=int, help="only the first N transactions")
     rp.add_argument("--no-restart-check", action="store_true", help="skip verifying the text after a restart")
+    rp.add_argument("--profile", type=parse_duration, metavar="SECONDS",
+                    help="record the server with py-spy for the first SECONDS of the replay")
     rp.set_defaults(func=_run(_replay))
 
     idle = sub.add_parser("idle", help="server memory per idle connection and per loaded room")
@@ -304,11 +344,13 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="our server's benchmark suite (make bench)")
     run.add_argument("--quick", action="store_true", help="a small version (~1 minute)")
+    run.add_argument("--nice", type=int, help="nice value for the benchmark and its servers (e.g. -10 as root)")
     run.set_defaults(func=_make_run)
 
     cmp_ = sub.add_parser("compare", help="this server vs y-websocket-server vs pycrdt-websocket (make bench-compare)")
     cmp_.add_argument("--quick", action="store_true", help="a small version (~2 minutes)")
-    cmp_.add_argument("--servers", help="comma-separated subset of collab,node,pycrdt")
+    cmp_.add_argument("--servers", help="comma-separated subset of collab,node,pycrdt (and collab-normal)")
+    cmp_.add_argument("--nice", type=int, help="nice value for the benchmark and its servers (e.g. -10 as root)")
     cmp_.set_defaults(func=_make_compare)
     return bench
 

@@ -9,12 +9,13 @@ Servers, each started on loopback in turn, alone on the machine while it is meas
 * ``node``   — the reference ``@y/websocket-server`` 0.1.1 (in memory: durability off);
 * ``pycrdt`` — pycrdt-websocket 0.16 under uvicorn with a pycrdt-store ``SQLiteYStore`` per room.
 
-For each: 1,000 clients in 250 rooms (4 per room, all typing); a warm-up; latency at a fixed load
-(1,000 updates/s); a rate search (×1.5 per step until p99 > 50 ms or loss) for the sustainable
-updates/s; a replay of the first 20,000 automerge-paper keystrokes (1 writer + 1 reader, max speed);
+For each: 1,000 clients in 250 rooms (4 per room, all typing); a rate search (from 200 updates/s,
+×1.5 per step until p99 > 50 ms or loss; before each step a probe waits until the server has worked
+off any backlog) for the sustainable updates/s; on a fresh process, latency at a fixed load (500
+updates/s); a replay of the first 20,000 automerge-paper keystrokes (1 writer + 1 reader, max speed);
 warm and cold join of the whole automerge-paper document; then, on a fresh process, memory per idle
 connection. Results: ``results/compare.jsonl``, ``results/compare.png`` and the ``compare`` section
-of ``results/latest.md`` (and of the benchmarks README).
+of ``results/latest.md`` (and of the repository README's benchmark block).
 
 How each server holds the automerge-paper document for the join: ours and Node receive it through
 the websocket, update by update (Node keeps it in memory only, so it has no cold join); for
@@ -37,12 +38,12 @@ from benchmarks.join import join_times, populate_pycrdt_store
 from benchmarks.load import LoadRunner, LoadSpec, search_sustainable, step_passes
 from benchmarks.replay import Built, build_updates, load_trace, replay
 from benchmarks.report import JsonLines, machine_line, num, publish, table
-from benchmarks.servers import COLLAB_UNLIMITED, KINDS, LABELS, PycrdtServer, make_server, raise_fd_limit
+from benchmarks.servers import COLLAB_UNLIMITED, EXTRA_KINDS, KINDS, LABELS, PycrdtServer, make_server, raise_fd_limit, set_priority
 from benchmarks.stats import fmt_ms
 
 FULL = {
-    "rooms": 250, "clients_per_room": 4, "warmup_rate": 500.0, "fixed_rate": 1000.0, "fixed_duration": 8.0,
-    "search_start": 500.0, "search_factor": 1.5, "step_duration": 5.0, "drain": 2.0, "p99_limit_ms": 50.0,
+    "rooms": 250, "clients_per_room": 4, "warmup_rate": 200.0, "fixed_rate": 500.0, "fixed_duration": 8.0,
+    "search_start": 200.0, "search_factor": 1.5, "step_duration": 5.0, "drain": 2.0, "p99_limit_ms": 50.0,
     "replay_prefix": 20_000, "join_limit": None, "join_warm": 3, "join_cold": 2, "idle_connections": 5_000,
     "max_steps": 12,
 }
@@ -59,69 +60,100 @@ def log(text: str) -> None:
 
 
 async def measure(kind: str, cfg: dict[str, Any], prefix: Built, full: Built, out: JsonLines) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Everything for one server; returns (summary row, rate search)."""
-    flags = COLLAB_UNLIMITED if kind == "collab" else {}
+    """Everything for one server; returns (summary row, rate search). A phase that fails is
+    recorded with its error and the next phase still runs."""
+    flags = COLLAB_UNLIMITED if kind.startswith("collab") else {}
     server = make_server(kind, **flags)
-    row: dict[str, Any] = {"kind": "compare-server", "server": kind, "label": LABELS[kind]}
+    row: dict[str, Any] = {"kind": "compare-server", "server": kind, "label": LABELS[kind], "errors": {}}
+    search: dict[str, Any] = {"steps": [], "sustainable_updates_per_s": 0.0, "sustainable_p99_ms": None,
+                              "client_limited": False, "label": LABELS[kind]}
     await server.start()
     try:
         log(f"\n===== {LABELS[kind]} =====")
-        spec = LoadSpec(url=server.url, rooms=cfg["rooms"], clients_per_room=cfg["clients_per_room"])
-        async with LoadRunner(spec, server_pid=server.pid, server_label=kind) as runner:
-            row["connect"] = runner.connect_result
-            out.write({"kind": "connect", "server": kind, **runner.connect_result})
-            await runner.step(cfg["warmup_rate"], 2.0, drain=1.0, label="warm-up", warmup=0)
-            fixed = await runner.step(cfg["fixed_rate"], cfg["fixed_duration"], drain=cfg["drain"], label="fixed load")
-            ok, why = step_passes(fixed, cfg["p99_limit_ms"])
-            fixed["passed"], fixed["verdict"] = ok, why
-            out.write(fixed)
-            row["fixed"] = fixed
-            await asyncio.sleep(1.0)
-            search = await search_sustainable(
-                runner, start_rate=cfg["search_start"], factor=cfg["search_factor"], step_duration=cfg["step_duration"],
-                drain=cfg["drain"], p99_limit_ms=cfg["p99_limit_ms"], max_steps=cfg["max_steps"])
-            search["label"] = LABELS[kind]
-            for step in search["_full_steps"]:
-                step.pop("timeline", None)
-                out.write(step)
-            out.write(search)
+        try:
+            # the rate search, on a fresh process, from a rate every server holds upwards
+            spec = LoadSpec(url=server.url, rooms=cfg["rooms"], clients_per_room=cfg["clients_per_room"])
+            async with LoadRunner(spec, server_pid=server.pid, server_label=kind) as runner:
+                row["connect"] = runner.connect_result
+                out.write({"kind": "connect", "server": kind, **runner.connect_result})
+                await runner.step(cfg["warmup_rate"], 2.0, drain=1.0, label="warm-up", warmup=0)
+                await runner.wait_ready(timeout=30.0, threshold_ms=cfg["p99_limit_ms"])
+                search = await search_sustainable(
+                    runner, start_rate=cfg["search_start"], factor=cfg["search_factor"],
+                    step_duration=cfg["step_duration"], drain=cfg["drain"], p99_limit_ms=cfg["p99_limit_ms"],
+                    max_steps=cfg["max_steps"])
+                search["label"] = LABELS[kind]
+                for step in search["_full_steps"]:
+                    step.pop("timeline", None)
+                    out.write(step)
+                out.write(search)
+            # latency at a fixed load, on a fresh process again (the search ends by overloading it)
+            await server.restart()
+            spec = LoadSpec(url=server.url, rooms=cfg["rooms"], clients_per_room=cfg["clients_per_room"])
+            async with LoadRunner(spec, server_pid=server.pid, server_label=kind) as runner:
+                await runner.step(cfg["warmup_rate"], 2.0, drain=1.0, label="warm-up", warmup=0)
+                await runner.wait_ready(timeout=30.0, threshold_ms=cfg["p99_limit_ms"])
+                fixed = await runner.step(cfg["fixed_rate"], cfg["fixed_duration"], drain=cfg["drain"],
+                                          label="fixed load")
+                ok, why = step_passes(fixed, cfg["p99_limit_ms"])
+                fixed["passed"], fixed["verdict"] = ok, why
+                out.write(fixed)
+                row["fixed"] = fixed
+        except Exception as exc:  # noqa: BLE001 - report and carry on with the other phases
+            row["errors"]["load"] = f"{type(exc).__name__}: {exc}".rstrip(": ")
+            log(f"  load phase failed: {row['errors']['load']}")
         row["sustainable_updates_per_s"] = search["sustainable_updates_per_s"]
         row["sustainable_p99_ms"] = search["sustainable_p99_ms"]
         row["client_limited"] = search["client_limited"]
+        row["lower_bound_reason"] = search.get("lower_bound_reason")
 
-        # replay a prefix of automerge-paper as fast as possible
-        await asyncio.sleep(1.0)
+        # replay a prefix of automerge-paper as fast as possible, on a fresh process (a server the
+        # search overloaded may still be working through its backlog)
         log(f"-- replay: first {prefix.txns:,} automerge-paper keystrokes, max speed")
-        rp = await replay(server.url, prefix, writers=1, readers=1, pace="max", settle_timeout=30.0, log=log)
-        out.write({**rp, "server": kind})
-        row["replay"] = rp
+        try:
+            await server.restart()
+            rp = await replay(server.url, prefix, writers=1, readers=1, pace="max", settle_timeout=30.0, log=log)
+            out.write({**rp, "server": kind})
+            row["replay"] = rp
+        except Exception as exc:  # noqa: BLE001
+            row["errors"]["replay"] = f"{type(exc).__name__}: {exc}".rstrip(": ")
+            log(f"  replay failed: {row['errors']['replay']}")
 
         # join the whole document
         log(f"-- join: the automerge-paper document ({full.txns:,} keystrokes)")
-        if isinstance(server, PycrdtServer):
-            room = f"join-{full.trace}"
-            rows = await asyncio.to_thread(populate_pycrdt_store, str(server.db_path), room, full.updates)
-            populated = {"how": "written into its SQLite schema", "rows": rows}
-        else:
-            populated_replay = await replay(server.url, full, writers=1, readers=1, pace="max", settle_timeout=60.0,
-                                            log=log)
-            out.write({**populated_replay, "server": kind, "purpose": "populate for join"})
-            room = populated_replay["room"]
-            populated = {"how": "sent through the websocket, update by update",
-                         "updates_per_s": populated_replay["updates_per_s"]}
-        joined = await join_times(server.url, room, server=None if kind == "node" else server,
-                                  expected=full.end_content, warm=cfg["join_warm"],
-                                  cold=0 if kind == "node" else cfg["join_cold"], log=log)
-        joined["populated"] = populated
-        out.write({**joined, "server": kind})
-        row["join"] = joined
+        try:
+            await server.restart()  # a clean process: no backlog left by the load
+            if isinstance(server, PycrdtServer):
+                room = f"join-{full.trace}"
+                rows = await asyncio.to_thread(populate_pycrdt_store, str(server.db_path), room, full.updates)
+                populated: dict[str, Any] = {"how": "written into its SQLite schema", "rows": rows}
+            else:
+                populated_replay = await replay(server.url, full, writers=1, readers=1, pace="max",
+                                                settle_timeout=60.0, log=log)
+                out.write({**populated_replay, "server": kind, "purpose": "populate for join"})
+                room = populated_replay["room"]
+                populated = {"how": "sent through the websocket, update by update",
+                             "updates_per_s": populated_replay["updates_per_s"]}
+            joined = await join_times(server.url, room, server=None if kind == "node" else server,
+                                      expected=full.end_content, warm=cfg["join_warm"],
+                                      cold=0 if kind == "node" else cfg["join_cold"], log=log)
+            joined["populated"] = populated
+            out.write({**joined, "server": kind})
+            row["join"] = joined
+        except Exception as exc:  # noqa: BLE001
+            row["errors"]["join"] = f"{type(exc).__name__}: {exc}".rstrip(": ")
+            log(f"  join failed: {row['errors']['join']}")
 
         # idle memory on a fresh process
-        await server.restart()
         log(f"-- idle: {cfg['idle_connections']:,} connections")
-        idled = await idle(server.url, server.pid, connections=cfg["idle_connections"], log=log)
-        out.write({**idled, "server": kind})
-        row["idle"] = idled
+        try:
+            await server.restart()
+            idled = await idle(server.url, server.pid, connections=cfg["idle_connections"], log=log)
+            out.write({**idled, "server": kind})
+            row["idle"] = idled
+        except Exception as exc:  # noqa: BLE001
+            row["errors"]["idle"] = f"{type(exc).__name__}: {exc}".rstrip(": ")
+            log(f"  idle failed: {row['errors']['idle']}")
     finally:
         await server.stop()
         server.cleanup()
@@ -147,7 +179,7 @@ def render(rows: dict[str, dict[str, Any]], machine: dict[str, Any], cfg: dict[s
     def sustainable(r: dict[str, Any]) -> str:
         text = f"**{num(r['sustainable_updates_per_s'])}**"
         if r.get("client_limited"):
-            text = "≥ " + text + " (client-limited)"
+            text = "≥ " + text + f" ({r.get('lower_bound_reason') or 'client-limited'})"
         return text + f" (p99 {fmt_ms(r['sustainable_p99_ms'])})"
 
     def fixed(r: dict[str, Any]) -> str:
@@ -158,8 +190,8 @@ def render(rows: dict[str, dict[str, Any]], machine: dict[str, Any], cfg: dict[s
     clients = cfg["rooms"] * cfg["clients_per_room"]
     table_rows = [
         line(f"updates/s at p99 ≤ {cfg['p99_limit_ms']:g} ms ({clients:,} clients, {cfg['rooms']} rooms)", sustainable),
-        line("frames out/s at that rate", lambda r: num(next(s["frames_out_per_s"] for s in r["_search"]["steps"]
-                                                             if s["updates_in_per_s"] == r["sustainable_updates_per_s"]))),
+        line("frames out/s at that rate", lambda r: num(next((s["frames_out_per_s"] for s in r["_search"]["steps"]
+                                                              if s["updates_in_per_s"] == r["sustainable_updates_per_s"]), None))),
         line(f"latency at a fixed {cfg['fixed_rate']:,.0f} updates/s", fixed),
         line("server CPU / RSS at the fixed load",
              lambda r: f"{num(r['fixed']['server_process']['cpu_pct'])}% / {num(r['fixed']['server_process']['rss_mb'])} MiB"),
@@ -167,32 +199,48 @@ def render(rows: dict[str, dict[str, Any]], machine: dict[str, Any], cfg: dict[s
              lambda r: f"{fmt_ms(r['connect']['connect_ms']['p99'])} + {fmt_ms(r['connect']['initial_sync_ms']['p99'])}"),
         line("memory per idle connection", lambda r: f"**{num(r['idle']['per_connection_kb'], 1)} KiB**"),
         line("memory per loaded room (1,000-char doc)", lambda r: f"{num(r['idle']['per_room_kb'], 1)} KiB"),
-        line("cold join, automerge-paper document",
+        line(f"cold join, automerge-paper document ({_join_txns(cfg)} keystrokes)",
              lambda r: "n/a (in memory only)" if r["join"]["cold_ms"]["median"] is None else f"**{fmt_ms(r['join']['cold_ms']['median'])}**"),
-        line("warm join, automerge-paper document", lambda r: fmt_ms(r["join"]["warm_ms"]["median"])),
+        line(f"warm join, automerge-paper document ({_join_txns(cfg)} keystrokes)", lambda r: fmt_ms(r["join"]["warm_ms"]["median"])),
         line(f"replay first {cfg['replay_prefix']:,} keystrokes, max speed",
              lambda r: (f"{num(r['replay']['updates_per_s'])} updates/s" if r["replay"]["updates_per_s"] else "incomplete")
-             + ("" if r["replay"]["verified"] else " (text NOT verified)")),
+             + _replay_check(r["replay"])),
     ]
+    if any(rows[k].get("errors") for k in kinds):
+        table_rows.append(line("errors", lambda r: "; ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "none"))
     verdicts = []
     c, n, p = rows.get("collab"), rows.get("node"), rows.get("pycrdt")
+
+    def ratio_text(ours: dict[str, Any], other: dict[str, Any]) -> tuple[float | None, str]:
+        a, b = ours["sustainable_updates_per_s"], other["sustainable_updates_per_s"]
+        if not a or not b:
+            return None, "—"
+        ratio = a / b
+        # a lower bound on our side makes the ratio a lower bound; on theirs, an upper bound
+        prefix = "≥ " if ours.get("client_limited") and not other.get("client_limited") else \
+            "≤ " if other.get("client_limited") and not ours.get("client_limited") else ""
+        return ratio, f"{prefix}{ratio:.2f}× ({num(a)} vs {num(b)} updates/s)"
+
     if c and p:
-        ratio = c["sustainable_updates_per_s"] / p["sustainable_updates_per_s"] if p["sustainable_updates_per_s"] else None
-        verdicts.append(["≥ 3× pycrdt-websocket's sustainable updates/s", f"{ratio:.1f}×" if ratio else "—",
+        ratio, text = ratio_text(c, p)
+        verdicts.append(["≥ 3× pycrdt-websocket's sustainable updates/s", text,
                          "met" if ratio and ratio >= 3 else "NOT met"])
         cp, pp = c["fixed"]["latency_ms"]["p99"], p["fixed"]["latency_ms"]["p99"]
         lower = cp is not None and (pp is None or cp < pp)
         verdicts.append([f"lower p99 than pycrdt-websocket at {cfg['fixed_rate']:,.0f} updates/s",
                          f"{fmt_ms(cp)} vs {fmt_ms(pp)}", "met" if lower else "NOT met"])
     if c and n:
-        ratio = c["sustainable_updates_per_s"] / n["sustainable_updates_per_s"] if n["sustainable_updates_per_s"] else None
-        verdicts.append([f"reach/beat the Node server's sustainable updates/s at {clients:,} clients (durability on for us, off for it)",
-                         f"{ratio:.2f}×" if ratio else "—", "met" if ratio and ratio >= 1 else "NOT met"])
+        ratio, text = ratio_text(c, n)
+        verdicts.append([f"reach/beat the Node server's sustainable updates/s at {clients:,} clients "
+                         "(durability on for us, off for it)", text, "met" if ratio and ratio >= 1 else "NOT met"])
+    cpu_row = line("server CPU per update at the fixed load (µs, all threads)",
+                   lambda r: num(r["fixed"]["server_process"].get("cpu_us_per_update")))
+    table_rows.insert(4, cpu_row)
     return "\n".join([
         "## Comparison (`make bench-compare`)" + (" — quick run" if quick else ""),
         "",
         f"Machine: {machine_line(machine)}. Servers run one at a time on loopback, each as one process; "
-        f"the load generator runs on the same machine ({next(iter(rows.values()))['fixed']['client']['workers']} process(es)).",
+        f"the load generator runs on the same machine ({_workers(rows)} process(es)).",
         "",
         table(head, table_rows),
         "",
@@ -200,12 +248,36 @@ def render(rows: dict[str, dict[str, Any]], machine: dict[str, Any], cfg: dict[s
         "",
         "![make bench-compare](compare.png)",
         "",
-        "Raw data: `compare.jsonl`. Rate search: each step runs for "
+        "Raw data: [compare.jsonl](compare.jsonl). Rate search: each step runs for "
         f"{cfg['step_duration']:g}s; the rate rises ×{cfg['search_factor']:g} until p99 > {cfg['p99_limit_ms']:g} ms, "
         "a delivery is lost or a connection is closed, then one step between the last good and the first bad rate. "
         "Latency is sender→receiver, measured by the clients; a step whose generator fell behind is flagged "
         "client-limited.",
     ])
+
+
+def _replay_check(r: dict[str, Any]) -> str:
+    if r["verified"]:
+        return ", text verified"
+    problems = []
+    if r["verified_clients"] < r["clients"]:
+        problems.append(f"{r['clients'] - r['verified_clients']} connected client(s) diverged")
+    if not r["fresh_client_ok"]:
+        problems.append("a fresh client got an older text")
+    if not r["complete"]:
+        problems.append("not every update arrived")
+    return " (" + "; ".join(problems or ["text NOT verified"]) + ")"
+
+
+def _join_txns(cfg: dict[str, Any]) -> str:
+    return f"{cfg['join_limit']:,}" if cfg.get("join_limit") else "259,778"
+
+
+def _workers(rows: dict[str, dict[str, Any]]) -> Any:
+    for r in rows.values():
+        if "fixed" in r:
+            return r["fixed"]["client"]["workers"]
+    return "?"
 
 
 async def run_all(kinds: list[str], cfg: dict[str, Any], out: JsonLines) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -227,15 +299,20 @@ async def run_all(kinds: list[str], cfg: dict[str, Any], out: JsonLines) -> tupl
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small version (~2-3 minutes)")
-    parser.add_argument("--servers", default=",".join(KINDS), help="comma-separated subset of collab,node,pycrdt")
+    parser.add_argument("--nice", type=int, default=None,
+                        help="run the benchmark, its servers and generators at this nice value (e.g. -10, as root) "
+                             "to shield them from other load on a shared machine; recorded in the results")
+    parser.add_argument("--servers", default=",".join(KINDS),
+                        help="comma-separated, from collab,node,pycrdt (default all three) and collab-normal")
     parser.add_argument("--no-publish", action="store_true", help="do not update results/latest.md and the README "
                         "(quick runs never do)")
     args = parser.parse_args(argv)
     kinds = [k.strip() for k in args.servers.split(",") if k.strip()]
-    unknown = [k for k in kinds if k not in KINDS]
+    unknown = [k for k in kinds if k not in KINDS + EXTRA_KINDS]
     if unknown:
         parser.error(f"unknown server(s) {unknown}")
     raise_fd_limit()
+    set_priority(args.nice)
     cfg = QUICK if args.quick else FULL
     name = "compare-quick" if args.quick else "compare"
     out = JsonLines(name, header={"config": cfg, "servers": kinds, "quick": args.quick})

@@ -89,10 +89,12 @@ def populate_pycrdt_store(db_path: str, room: str, updates: list[bytes], checkpo
     have left it after receiving them one by one: one ``yupdates`` row per update, and the
     checkpoint its write path takes every ``checkpoint_interval`` writes (state *before* that write,
     timestamped between the two). The schema must exist (``benchmarks.pycrdt_server.init_db``).
+    pycrdt-websocket names a room by the request path, so ``room`` is stored as ``/room``.
     Returns the number of rows. Used because its own write path (one commit per update) needs
     many minutes for a 260k-update history."""
     import sqlite3
 
+    path = "/" + room.lstrip("/")
     base = time.time() - len(updates) * 1e-3
     doc = pycrdt.Doc()
     rows = []
@@ -102,14 +104,14 @@ def populate_pycrdt_store(db_path: str, room: str, updates: list[bytes], checkpo
         if i % checkpoint_interval == 0:
             checkpoint = (doc.get_update(), ts - 0.5e-3)
         doc.apply_update(update)
-        rows.append((room, update, b"", ts))
+        rows.append((path, update, b"", ts))
     db = sqlite3.connect(db_path)
     try:
         with db:
             db.executemany("INSERT INTO yupdates VALUES (?, ?, ?, ?)", rows)
             if checkpoint is not None:
                 db.execute("INSERT OR REPLACE INTO ycheckpoints (path, checkpoint, timestamp) VALUES (?, ?, ?)",
-                           (room, checkpoint[0], checkpoint[1]))
+                           (path, checkpoint[0], checkpoint[1]))
     finally:
         db.close()
     return len(rows)

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLORS = {"collab": "#1f77b4", "node": "#2ca02c", "pycrdt": "#d62728"}
+COLORS = {"collab": "#1f77b4", "collab-normal": "#17becf", "node": "#2ca02c", "pycrdt": "#d62728"}
 DPI = 80
 
 
@@ -198,4 +198,42 @@ def plot_bench(load_step: dict[str, Any] | None, replays: list[dict[str, Any]], 
     ax6.set_title("latency p50 (green) / p99 (red), ms", fontsize=9)
     ax6.grid(alpha=0.3, axis="y", which="both")
     fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_replay(result: dict[str, Any], path: Path) -> Path:
+    """Updates delivered to the slowest reader over time, against pycrdt's in-process pace."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    tl = result.get("timeline") or []
+    ax.plot([p["t"] for p in tl], [p["delivered"] for p in tl], color="#1f77b4", label="delivered to every reader")
+    ref = result.get("pycrdt_inprocess_txns_per_s")
+    if ref and tl:
+        end = tl[-1]["t"]
+        ax.plot([0, min(end, result["updates"] / ref)], [0, min(end * ref, result["updates"])], color="grey",
+                linestyle="--", label=f"pycrdt alone in-process ({ref:,.0f}/s)")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("updates")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    p = result["latency_ms"]
+    ax.set_title(f"replay {result['trace']}: {result['writers']} writer(s), {result['pace']} — "
+                 f"{result.get('updates_per_s') or 0:,.0f} updates/s, p50 {p['p50']} ms, p99 {p['p99']} ms", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_bars(values: dict[str, float | None], path: Path, title: str, ylabel: str,
+              target: float | None = None) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    names = list(values)
+    ax.bar(range(len(names)), [values[n] or 0 for n in names], color="#1f77b4")
+    for i, n in enumerate(names):
+        v = values[n]
+        ax.text(i, v or 0, "n/a" if v is None else f"{v:,.1f}", ha="center", va="bottom", fontsize=8)
+    if target is not None:
+        ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:g}")
+        ax.legend(fontsize=8)
+    ax.set_xticks(range(len(names)), names, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
     return _save(fig, path)

@@ -25,7 +25,6 @@ BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
 LATEST_MD = RESULTS_DIR / "latest.md"
-README_MD = BENCH_DIR / "README.md"
 
 
 def cpu_model() -> str:
@@ -53,6 +52,12 @@ def _command(*argv: str) -> str | None:
     return done.stdout.strip() or None if done.returncode == 0 else None
 
 
+def _cpu_pressure() -> float | None:
+    from benchmarks.servers import cpu_pressure
+
+    return cpu_pressure()
+
+
 def machine_info() -> dict[str, Any]:
     commit = _command("git", "rev-parse", "--short", "HEAD")
     dirty = _command("git", "status", "--porcelain", "--untracked-files=no")
@@ -68,12 +73,18 @@ def machine_info() -> dict[str, Any]:
         "pycrdt_websocket": _version("pycrdt-websocket"),
         "pycrdt_store": _version("pycrdt-store"),
         "git_commit": (commit + ("-dirty" if dirty else "")) if commit else None,
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+        "cpu_pressure_pct": _cpu_pressure(),
+        "nice": os.getpriority(os.PRIO_PROCESS, 0),
     }
 
 
 def machine_line(machine: dict[str, Any]) -> str:
     return (f"{machine['date']} · {machine['nproc']} × {machine['cpu_model']} · {machine['ram_gib']} GiB RAM · "
-            f"{machine['os']} · Python {machine['python']} · Node {machine['node']} · commit {machine['git_commit']}")
+            f"{machine['os']} · Python {machine['python']} · Node {machine['node']} · commit {machine['git_commit']} · "
+            f"load average at start {machine.get('loadavg', ['?'])[0]}"
+            + (f", CPU pressure {machine['cpu_pressure_pct']}%" if machine.get("cpu_pressure_pct") is not None else "")
+            + (f", benchmark processes at nice {machine['nice']}" if machine.get("nice") else ""))
 
 
 def clean(value: Any) -> Any:
@@ -133,11 +144,30 @@ def replace_section(path: Path, name: str, body: str, title: str | None = None) 
     path.write_text(text)
 
 
+ROOT_README = ROOT / "README.md"
+README_BEGIN, README_END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def _relink(markdown: str, prefix: str) -> str:
+    """Prefix relative link/image targets (``](x.png)`` -> ``](prefix/x.png)``)."""
+    return re.sub(r"\]\((?![a-z]+://|/|#)([^)]+)\)", lambda m: f"]({prefix}/{m.group(1)})", markdown)
+
+
 def publish(name: str, body: str) -> None:
-    """Put a results section into results/latest.md and the benchmarks README."""
+    """Put a results section into ``results/latest.md``, then refresh the repository README's
+    benchmark block (between ``<!-- bench:begin -->`` and ``<!-- bench:end -->``) from it."""
     replace_section(LATEST_MD, name, body, title="Latest benchmark results")
-    if README_MD.exists():
-        replace_section(README_MD, name, body.replace("](", "](results/").replace("](results/http", "](http"))
+    if not ROOT_README.exists():
+        return
+    readme = ROOT_README.read_text()
+    begin, end = readme.find(README_BEGIN), readme.find(README_END)
+    if begin < 0 or end < begin:
+        return
+    latest = LATEST_MD.read_text()
+    sections = re.findall(r"<!-- BEGIN [\w-]+ -->\n(.*?)\n<!-- END [\w-]+ -->", latest, re.S)
+    block = "\n\n".join(_relink(sec.strip(), "benchmarks/results") for sec in sections)
+    block = block.replace("## ", "### ")
+    ROOT_README.write_text(readme[:begin + len(README_BEGIN)] + "\n" + block + "\n" + readme[end:])
 
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:

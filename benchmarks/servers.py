@@ -26,9 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 NODE_DIR = ROOT / "tests" / "node"
 NODE_SERVER = NODE_DIR / "node_modules" / "@y" / "websocket-server" / "src" / "server.js"
 
-KINDS = ("collab", "node", "pycrdt")
+KINDS = ("collab", "node", "pycrdt")  # what a comparison runs by default
+EXTRA_KINDS = ("collab-normal",)  # on request: our server with synchronous=NORMAL (crash-safe, not power-safe)
 LABELS = {
     "collab": "collab (this server)",
+    "collab-normal": "collab, SQLite synchronous=NORMAL",
     "node": "y-websocket-server 0.1.1 (Node)",
     "pycrdt": "pycrdt-websocket 0.16 + SQLiteYStore",
 }
@@ -43,6 +45,27 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def cpu_pressure() -> float | None:
+    """Share of the last 10 s in which runnable tasks waited for a CPU (Linux PSI), in %: how much
+    *other* load competed with the benchmark. None where PSI is not available."""
+    try:
+        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+        return float(line.split("avg10=")[1].split()[0])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def set_priority(nice: int | None) -> int:
+    """Set this process's nice value (children — servers, generator workers — inherit it).
+    Negative values need root. Returns the value in effect."""
+    if nice is not None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+        except (PermissionError, OSError) as exc:
+            print(f"warning: cannot set nice {nice}: {exc}", file=sys.stderr)
+    return os.getpriority(os.PRIO_PROCESS, 0)
 
 
 def raise_fd_limit(wanted: int = 200_000) -> int:
@@ -227,11 +250,15 @@ class PycrdtServer(BenchServer):
 def make_server(kind: str, data_dir: Path | None = None, **flags: object) -> BenchServer:
     if kind == "collab":
         return CollabServer(data_dir, **flags)
+    if kind == "collab-normal":
+        server = CollabServer(data_dir, **{**flags, "sqlite_synchronous": "NORMAL"})
+        server.kind = "collab-normal"
+        return server
     if kind == "node":
         return NodeServer(data_dir)
     if kind == "pycrdt":
         return PycrdtServer(data_dir)
-    raise ValueError(f"unknown server kind {kind!r} (choose from {', '.join(KINDS)})")
+    raise ValueError(f"unknown server kind {kind!r} (choose from {', '.join(KINDS + EXTRA_KINDS)})")
 
 
 def _flag(value: object) -> str:
