@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 
@@ -14,6 +13,8 @@ from collab.protocol import AwarenessEntry, ProtocolError
 from presence.config import PresenceSettings
 from presence.room import RoomPresence, pack_awareness, unpack_awareness
 from presence.stamp import color_for
+
+from servers import wait_until
 
 _ids = itertools.count(1)
 
@@ -146,7 +147,7 @@ async def test_changes_within_the_window_are_coalesced_into_one_frame_per_member
         for i, m in enumerate(members):
             h.presence.on_message(m, (entry(100 + i, clock, {"cursor": clock}),))
     assert all(not m.frames for m in members)
-    await asyncio.sleep(0.05)
+    await wait_until(lambda: all(m.frames for m in members), timeout=5, what="the window's flush")
     for m in members:
         assert len(m.frames) == 1  # one frame, the latest of every client (its own ignored by Yjs)
         got = {e.client_id: e.clock for e in m.received()}
@@ -158,7 +159,7 @@ async def test_a_batch_from_one_member_is_not_sent_back_to_it():
     h = Harness(flush_ms=10)
     alice, bob = h.join(FakeMember("alice")), h.join(FakeMember("bob"))
     h.presence.on_message(alice, (entry(1, 1, {"c": 1}),))
-    await asyncio.sleep(0.03)
+    await wait_until(lambda: bob.frames, timeout=5, what="the flush to bob")
     assert alice.frames == [] and len(bob.frames) == 1
 
 
@@ -179,7 +180,7 @@ async def test_rate_limit_drops_intermediate_states_and_relays_the_latest_later(
         h.presence.on_message(alice, (entry(1, clock, {"cursor": clock}),))
     assert [e.clock for e in bob.received()] == [1, 2]
     h.clock.now += 1.0  # the bucket refills; the deferred latest state goes out on the retry timer
-    await asyncio.sleep(0.15)
+    await wait_until(lambda: len(bob.received()) >= 3, timeout=5, what="the deferred latest state")
     assert [e.clock for e in bob.received()] == [1, 2, 7]
 
 
