@@ -18,7 +18,7 @@ from collab.logs import get_logger
 from collab.metrics import Metrics
 from collab.services import Service
 from collab.settings import Settings
-from collab.transport import WebsocketEndpoint
+from collab.transport import WebsocketEndpoint, room_name_problem
 from storage import Store, open_store
 
 log = get_logger("collab.app")
@@ -49,7 +49,7 @@ def default_services(settings: Settings, store: Store) -> list[Service]:
 
 
 def create_app(settings: Settings, *, store: Store | None = None, network: LocalNetwork | None = None,
-               clock: Callable[[], float] = time.monotonic, services: list[Service] | None = None) -> Starlette:
+               clock: Callable[[], float] = time.monotonic, services: list[Service] | None = None) -> RoomsFirst:
     metrics = Metrics()
     store = store or open_store(settings.store, synchronous=settings.sqlite_synchronous)
     services = default_services(settings, store) if services is None else services
@@ -106,19 +106,43 @@ def create_app(settings: Settings, *, store: Store | None = None, network: Local
     async def metrics_endpoint(_request: Request) -> Response:
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    rooms = WebsocketEndpoint(hub)
     routes = [
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics_endpoint),
         *(route for service in services for route in service.routes()),
-        WebSocketRoute("/{room:path}", WebsocketEndpoint(hub)),
+        WebSocketRoute("/{room:path}", rooms),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.hub = hub
     app.state.metrics = metrics
     app.state.settings = settings
     app.state.store = store
-    return app
+    return RoomsFirst(app, rooms)
+
+
+class RoomsFirst:
+    """Send room websockets straight to their endpoint; everything else to the starlette app.
+
+    A document socket lives for hours; going through starlette's middleware and router would keep
+    their suspended frames (~3 KiB) alive per idle connection. Lifespan, HTTP, the services'
+    websockets and refusals of reserved paths still go through starlette.
+    """
+
+    def __init__(self, app: Starlette, rooms: WebsocketEndpoint) -> None:
+        self.app = app
+        self.rooms = rooms
+
+    @property
+    def state(self):  # noqa: ANN201 - starlette's State
+        return self.app.state
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001 - ASGI
+        if scope["type"] == "websocket" and room_name_problem(scope["path"][1:]) is None:
+            await self.rooms(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
 
 def _safe_url(url: str) -> str:

@@ -113,11 +113,14 @@ class Connection:
         self._outbox_bytes = 0
         self.metrics.closes.labels(code=str(code)).inc()
         self._wake.set()
+        self.stop_reader()
+
+    def bind_reader(self, task: asyncio.Task[None] | None) -> None:
+        self._reader = task
+
+    def stop_reader(self) -> None:
         if self._reader is not None and self._reader is not asyncio.current_task():
             self._reader.cancel()
-
-    def bind_reader(self, task: asyncio.Task[None]) -> None:
-        self._reader = task
 
     async def write_loop(self, send: Callable[[bytes], Awaitable[None]]) -> None:
         outbox = self._outbox

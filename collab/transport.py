@@ -124,23 +124,25 @@ class WebsocketEndpoint:
         bind = log.bind(room=room.name, conn=conn.id, user=conn.identity.user_id)
         bind.info("connected", role=conn.identity.role, peer=conn.peer)
         room.join(conn)
-        try:
-            async with asyncio.TaskGroup() as tg:
-                # After the handshake the hot path talks ASGI directly: starlette's WebSocket
-                # wrappers only re-check a state we already know, once per frame.
-                async def send_frame(frame: bytes) -> None:
-                    await send({"type": "websocket.send", "bytes": frame})
 
-                writer = tg.create_task(conn.write_loop(send_frame))
-                reader = tg.create_task(self._read_loop(receive, conn, room))
-                conn.bind_reader(reader)
-                await reader
-                # Whatever ended the reader, nothing more goes out: a closing connection's outbox
-                # is dropped, and the writer may be stuck on a client that stopped reading.
-                writer.cancel()
-        except* (WebSocketDisconnect, OSError, RuntimeError):
-            pass  # the peer went away while we were writing
+        # After the handshake the hot path talks ASGI directly: starlette's WebSocket wrappers
+        # only re-check a state we already know, once per frame.
+        async def send_frame(frame: bytes) -> None:
+            await send({"type": "websocket.send", "bytes": frame})
+
+        # One extra task per connection, the writer; this task is the reader. The writer is
+        # owned here: cancelled and awaited below, whatever ends the connection.
+        writer = asyncio.get_running_loop().create_task(conn.write_loop(send_frame))
+        writer.add_done_callback(lambda task: _writer_done(task, conn))
+        conn.bind_reader(asyncio.current_task())
+        try:
+            await self._read_loop(receive, conn, room)
         finally:
+            conn.bind_reader(None)  # from here on, a late close() must not cancel our cleanup
+            # Whatever ended the reader, nothing more goes out: a closing connection's outbox is
+            # dropped, and the writer may be stuck on a client that stopped reading.
+            writer.cancel()
+            await asyncio.wait([writer])
             room.leave(conn)
             await self._close(ws, conn)
             bind.info("disconnected", code=conn.close_code, reason=conn.close_reason)
@@ -168,9 +170,14 @@ class WebsocketEndpoint:
                 await room.handle(conn, protocol.decode(data, limits))
         except ProtocolError as exc:
             conn.close(exc.code, exc.reason)
+        except (WebSocketDisconnect, OSError, RuntimeError):
+            conn.peer_closed = True  # the transport is gone
         except asyncio.CancelledError:
-            if conn.close_code is None:
-                raise
+            if conn.close_code is None and not conn.peer_closed:
+                raise  # not ours: the server itself is being cancelled
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()  # we asked for it (Connection.close); the handler goes on to close
 
     async def _close(self, ws: WebSocket, conn: Connection) -> None:
         if conn.peer_closed or conn.close_code is None:
@@ -180,3 +187,11 @@ class WebsocketEndpoint:
                 await ws.close(conn.close_code, conn.close_reason)
         except Exception:  # noqa: BLE001 - the socket may already be gone; nothing to tell
             pass
+
+
+def _writer_done(task: asyncio.Task[None], conn: Connection) -> None:
+    """The writer failed (the peer went away mid-send): stop the reader too."""
+    if task.cancelled() or task.exception() is None:
+        return
+    conn.peer_closed = True
+    conn.stop_reader()
