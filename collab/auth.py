@@ -12,7 +12,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Literal
+from typing import Any, Literal
 
 import jwt
 
@@ -74,6 +74,22 @@ def verify_token(secret: str, token: str) -> Identity:
     exp = claims.get("exp")
     return Identity(user_id=sub, name=name[:200], role=role, rooms=tuple(rooms),
                     expires_at=float(exp) if isinstance(exp, (int, float)) else None)
+
+
+def token_from(conn: Any) -> tuple[str | None, str | None]:
+    """The token a request or websocket carries (``?token=``, ``Authorization: Bearer``, or the
+    sub-protocol ``bearer.<token>``), and that sub-protocol, which a websocket must echo when
+    accepting. ``conn`` is a starlette ``Request`` or ``WebSocket``."""
+    token = conn.query_params.get("token")
+    if token:
+        return token, None
+    header = conn.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip(), None
+    for proto in conn.scope.get("subprotocols", []) or []:
+        if isinstance(proto, str) and proto.startswith("bearer."):
+            return proto[7:], proto
+    return None, None
 
 
 def dev_identity(name: str | None, role: str | None = None) -> Identity:

@@ -28,7 +28,6 @@ Theory of operation
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import os
@@ -43,7 +42,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from collab import protocol
-from collab.auth import AccessDenied, Identity, authenticate, dev_identity, verify_token
+from collab.auth import AccessDenied, Identity, authenticate, dev_identity, token_from, verify_token
 from collab.closecodes import UNAUTHORIZED
 from collab.logs import get_logger
 from collab.services import Service
@@ -534,10 +533,7 @@ class ChatService(Service):
         ]
 
     def _identify(self, request: Request, room: str | None) -> Identity:
-        token = request.query_params.get("token")
-        header = request.headers.get("authorization", "")
-        if not token and header.lower().startswith("bearer "):
-            token = header[7:].strip()
+        token, _ = token_from(request)
         secret = self.settings.secret
         if room is not None:
             return authenticate(secret, token, room, request.query_params.get("name"))

@@ -14,7 +14,7 @@ from urllib.parse import unquote
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from collab import closecodes, protocol
-from collab.auth import AccessDenied, authenticate
+from collab.auth import AccessDenied, authenticate, token_from
 from collab.connection import Connection, ConnectionLimits
 from collab.hub import Hub, RoomUnavailable
 from collab.logs import get_logger
@@ -40,20 +40,6 @@ def room_name_problem(name: str) -> str | None:
     return None
 
 
-def _token(ws: WebSocket) -> tuple[str | None, str | None]:
-    """The token, and the sub-protocol to echo if it came as ``bearer.<token>``."""
-    token = ws.query_params.get("token")
-    if token:
-        return token, None
-    header = ws.headers.get("authorization", "")
-    if header.lower().startswith("bearer "):
-        return header[7:].strip(), None
-    for proto in ws.scope.get("subprotocols", []) or []:
-        if proto.startswith("bearer."):
-            return proto[7:], proto
-    return None, None
-
-
 class WebsocketEndpoint:
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
@@ -73,7 +59,7 @@ class WebsocketEndpoint:
         name = unquote(raw_path.decode("latin-1")) if raw_path else scope["path"]
         name = name.split("?", 1)[0][1:]
         hub, settings = self.hub, self.hub.settings
-        token, subprotocol = _token(ws)
+        token, subprotocol = token_from(ws)
         problem = room_name_problem(name)
         try:
             identity = authenticate(settings.secret, token, name, ws.query_params.get("name"),

@@ -49,7 +49,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from collab.auth import AccessDenied, Identity, dev_identity, issue_token, verify_token
+from collab.auth import AccessDenied, Identity, dev_identity, issue_token, token_from, verify_token
 from collab.closecodes import UNAUTHORIZED
 from collab.logs import get_logger
 from collab.services import Service
@@ -96,10 +96,7 @@ class WebAppService(Service):
     def _identify(self, request: Request) -> Identity:
         if self.settings.secret is None:
             return dev_identity(request.query_params.get("name"))
-        token = request.query_params.get("token")
-        header = request.headers.get("authorization", "")
-        if not token and header.lower().startswith("bearer "):
-            token = header[7:].strip()
+        token, _ = token_from(request)
         if not token:
             raise AccessDenied("token required", UNAUTHORIZED)
         return verify_token(self.settings.secret, token)

@@ -41,7 +41,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from collab import closecodes
-from collab.auth import AccessDenied, Identity, dev_identity, verify_token
+from collab.auth import AccessDenied, Identity, dev_identity, token_from, verify_token
 from collab.logs import get_logger
 from collab.services import Service
 from presence.collaborators import collaborators, remote_clients
@@ -64,19 +64,6 @@ RESYNC = "_resync"  # collab.hub.CONTROL_RESYNC
 COLD_ROOM_WAIT = 0.5  # seconds a cold collaborators list waits for peers' awareness
 
 log = get_logger("collab.presence")
-
-
-def _token(conn: WebSocket | Request) -> tuple[str | None, str | None]:
-    token = conn.query_params.get("token")
-    if token:
-        return token, None
-    header = conn.headers.get("authorization", "")
-    if header.lower().startswith("bearer "):
-        return header[7:].strip(), None
-    for proto in conn.scope.get("subprotocols", []) or []:
-        if isinstance(proto, str) and proto.startswith("bearer."):
-            return proto[7:], proto
-    return None, None
 
 
 class PresenceService(Service):
@@ -313,7 +300,7 @@ class PresenceService(Service):
         ]
 
     def _identify(self, conn: WebSocket | Request) -> Identity:
-        token, _ = _token(conn)
+        token, _ = token_from(conn)
         if self.cfg.secret is None:
             return dev_identity(conn.query_params.get("name"))
         if not token:
@@ -376,7 +363,7 @@ class PresenceService(Service):
         return collaborators(name, sessions, presence, room.doc if room is not None else None, self.cfg.idle_seconds)
 
     async def feed_socket(self, ws: WebSocket) -> None:
-        _, subprotocol = _token(ws)
+        _, subprotocol = token_from(ws)
         prefix = ws.query_params.get("prefix", "")
         try:
             identity = self._identify(ws)

@@ -49,7 +49,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from collab import closecodes
-from collab.auth import AccessDenied, Identity, dev_identity, verify_token
+from collab.auth import AccessDenied, Identity, dev_identity, token_from, verify_token
 from collab.logs import get_logger
 from collab.services import Service
 from signaling.config import SignalingSettings, ice_config
@@ -106,20 +106,6 @@ def topic_problem(topic: Any) -> str | None:
     if size > MAX_TOPIC_BYTES:
         return "invalid topic"
     return None
-
-
-def token_of(ws: WebSocket | Request) -> tuple[str | None, str | None]:
-    """The token and the sub-protocol to echo (same sources as the document socket)."""
-    token = ws.query_params.get("token")
-    if token:
-        return token, None
-    header = ws.headers.get("authorization", "")
-    if header.lower().startswith("bearer "):
-        return header[7:].strip(), None
-    for proto in ws.scope.get("subprotocols", []) or []:
-        if isinstance(proto, str) and proto.startswith("bearer."):
-            return proto[7:], proto
-    return None, None
 
 
 def identify(secret: str | None, token: str | None, dev_name: str | None) -> Identity:
@@ -263,7 +249,7 @@ class SignalingService(Service):
         ]
 
     async def rtc_config(self, request: Request) -> Response:
-        token, _ = token_of(request)
+        token, _ = token_from(request)
         try:
             identity = identify(self.cfg.secret, token, request.query_params.get("name"))
         except AccessDenied as denied:
@@ -290,7 +276,7 @@ class SignalingService(Service):
                 self._forget(peer)
 
     async def _admit(self, ws: WebSocket) -> Peer | None:
-        token, subprotocol = token_of(ws)
+        token, subprotocol = token_from(ws)
         refusal: tuple[int, str] | None = None
         identity: Identity | None = None
         try:
