@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from collab import closecodes
+from collab.ratelimit import TokenBucket
 
 if TYPE_CHECKING:
     from collab.auth import Identity
@@ -38,22 +39,6 @@ class ConnectionLimits:
     rate_limit: float
     rate_burst: int
     max_inflight: int
-
-
-class TokenBucket:
-    def __init__(self, rate: float, burst: int, now: float) -> None:
-        self.rate = rate
-        self.capacity = float(burst)
-        self.tokens = float(burst)
-        self.stamp = now
-
-    def take(self, now: float) -> bool:
-        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
 
 
 class Connection:

@@ -41,6 +41,7 @@ import msgpack
 from collab import protocol
 from collab.closecodes import BAD_MESSAGE
 from collab.protocol import AwarenessEntry, ProtocolError
+from collab.ratelimit import TokenBucket
 from presence.awareness import NULL, Known, RoomAwareness, Verdict
 from presence.config import PresenceSettings
 from presence.stamp import InvalidState, color_for, stamp_state
@@ -75,25 +76,12 @@ class PresenceStats:
     refused: _Counter = field(default_factory=_Nothing)  # states not relayed: not a JSON object, NaN, hidden viewer
 
 
-class Bucket:
-    def __init__(self, rate: float, burst: int, now: float) -> None:
-        self.rate, self.capacity, self.tokens, self.stamp = rate, float(burst), float(burst), now
-
-    def take(self, now: float) -> bool:
-        self.tokens = min(self.capacity, self.tokens + max(0.0, now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
-
-
 @dataclass(slots=True)
 class Session:
     member: Member
     connected_at: float
     last_active: float
-    bucket: Bucket
+    bucket: TokenBucket
     hidden: bool = False  # a viewer in a room whose policy hides viewers
     idle: bool = False  # as last reported (``idle_changes``)
     color: str | None = None  # the colour in its latest stamped state
@@ -156,7 +144,7 @@ class RoomPresence:
         now = self._clock()
         for session in self.sessions.values():
             session.hidden = hidden and not session.member.identity.can_edit
-            session.bucket = Bucket(settings.rate, settings.burst, now)
+            session.bucket = TokenBucket(settings.rate, settings.burst, now)
 
     # -- local members -------------------------------------------------------------------------
 
@@ -165,7 +153,7 @@ class RoomPresence:
         s = self.settings
         hidden = s.viewers_hidden(self.room) and not member.identity.can_edit
         self.sessions[member] = Session(member, getattr(member, "connected_at", now), now,
-                                        Bucket(s.rate, s.burst, now), hidden)
+                                        TokenBucket(s.rate, s.burst, now), hidden)
         self._send_snapshot(member)
 
     def on_leave(self, member: Member) -> None:

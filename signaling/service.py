@@ -51,6 +51,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from collab import closecodes
 from collab.auth import AccessDenied, Identity, dev_identity, token_from, verify_token
 from collab.logs import get_logger
+from collab.ratelimit import TokenBucket
 from collab.services import Service
 from signaling.config import SignalingSettings, ice_config
 
@@ -114,22 +115,6 @@ def identify(secret: str | None, token: str | None, dev_name: str | None) -> Ide
     if not token:
         raise AccessDenied("token required", closecodes.UNAUTHORIZED)
     return verify_token(secret, token)
-
-
-class TokenBucket:
-    def __init__(self, rate: float, burst: int, now: float) -> None:
-        self.rate = rate
-        self.burst = float(burst)
-        self.tokens = float(burst)
-        self.stamp = now
-
-    def take(self, now: float) -> bool:
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
 
 
 class Peer:
