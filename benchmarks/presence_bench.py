@@ -60,6 +60,7 @@ def serve(port: int, flush_ms: float, data_dir: str) -> None:
     from collab.app import create_app
     from collab.logs import configure
     from collab.settings import load_settings
+    from collab.wsfast import uvicorn_ws
     from presence import PresenceService, PresenceSettings
 
     settings = load_settings({"port": str(port), "store": str(Path(data_dir) / "bench.db"), "log_level": "warning",
@@ -68,7 +69,7 @@ def serve(port: int, flush_ms: float, data_dir: str) -> None:
     presence = PresenceService(PresenceSettings.from_settings(settings, flush_ms=flush_ms))
     app = create_app(settings, services=[presence])
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.run(app, host="127.0.0.1", port=port, ws=settings.ws_impl, lifespan="on", log_config=None,
+    uvicorn.run(app, host="127.0.0.1", port=port, ws=uvicorn_ws(settings.ws_impl), lifespan="on", log_config=None,
                 access_log=False, ws_per_message_deflate=False, ws_ping_interval=None, loop="auto")
 
 

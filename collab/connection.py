@@ -6,8 +6,11 @@ Theory of operation
   beyond ``outbox_max_bytes`` / ``outbox_max_frames``: a client that stops reading is closed
   with 1013 (try again later) once its outbox is full. The frame is shared, not copied, so a
   relay to N members costs N references to one bytes object.
-* Exactly one writer task per connection drains the outbox (``write_loop``); the transport's
-  own flow control makes it wait while the socket is not writable.
+* Frames go out in one of two ways. On our own websocket protocol (``collab.wsfast``) the
+  outbox is flushed once per event-loop iteration, every queued frame in one write, straight
+  from the loop — no task per connection; while the transport is over its high-water mark the
+  frames wait in the outbox and the transport's ``resume_writing`` flushes them. On other
+  uvicorn protocols exactly one writer task per connection drains the outbox (``write_loop``).
 * ``close`` may be called from anywhere (another connection's relay, the janitor, shutdown): it
   records the code, drops the outbox, cancels the reader and lets the writer send the close.
 * A token bucket bounds messages per second; a flood is closed with 1013.
@@ -28,6 +31,7 @@ from collab.ratelimit import TokenBucket
 if TYPE_CHECKING:
     from collab.auth import Identity
     from collab.metrics import Metrics
+    from collab.wsfast import FastWebSocketProtocol as FastSocket
 
 _ids = itertools.count(1)
 
@@ -39,6 +43,43 @@ class ConnectionLimits:
     rate_limit: float
     rate_burst: int
     max_inflight: int
+
+
+class InflightLimit:
+    """At most ``limit`` updates of one connection awaiting commit. ``try_acquire`` for the
+    synchronous path; ``acquire`` for the reader task, the only one that ever waits — and while
+    it waits, ``try_acquire`` refuses: the waiting update was received first."""
+
+    __slots__ = ("limit", "count", "_released", "_waiting")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+        self._released: asyncio.Event | None = None
+        self._waiting = False
+
+    def try_acquire(self) -> bool:
+        if self.count < self.limit and not self._waiting:
+            self.count += 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        self._waiting = True
+        try:
+            while self.count >= self.limit:
+                if self._released is None:
+                    self._released = asyncio.Event()
+                self._released.clear()
+                await self._released.wait()
+        finally:
+            self._waiting = False
+        self.count += 1
+
+    def release(self) -> None:
+        self.count -= 1
+        if self._released is not None:
+            self._released.set()
 
 
 class Connection:
@@ -56,7 +97,8 @@ class Connection:
         self.last_sent = now
         self.last_received = now
         self.bucket = TokenBucket(limits.rate_limit, limits.rate_burst, now)
-        self.inflight = asyncio.Semaphore(limits.max_inflight)
+        self.inflight = InflightLimit(limits.max_inflight)
+        self.reader_busy = False  # the reader task is handling a message that needed awaiting
         self.told_read_only = False
         self.peer_closed = False
         self.close_code: int | None = None
@@ -65,7 +107,8 @@ class Connection:
         self._outbox_bytes = 0
         self._wake = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
-        self._writer: asyncio.Task[None] | None = None
+        self._socket: FastSocket | None = None
+        self._flush_scheduled = False
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} room={self.room!r} user={self.identity.user_id!r}>"
@@ -79,14 +122,50 @@ class Connection:
         return self._outbox_bytes
 
     def send(self, frame: bytes) -> None:
+        if self.push(frame):
+            if self._socket is None:
+                self._wake.set()
+            elif not self._flush_scheduled:
+                self._flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self.flush)
+
+    def push(self, frame: bytes) -> bool:
+        """Queue ``frame`` without arranging for it to be written: the caller calls ``flush``
+        (a room relaying a batch writes each member's share once). False if not queued."""
         if self.close_code is not None:
-            return
+            return False
         self._outbox.append(frame)
         self._outbox_bytes += len(frame)
         if self._outbox_bytes > self.limits.outbox_max_bytes or len(self._outbox) > self.limits.outbox_max_frames:
             self.close(closecodes.TRY_AGAIN_LATER, "slow consumer")
+            return False
+        return True
+
+    def attach_socket(self, socket: FastSocket | None) -> None:
+        """Write straight to ``socket`` from now on (None: back to the writer task)."""
+        self._socket = socket
+        if socket is not None and self._outbox and not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write every queued frame in one go, if the socket can take them now."""
+        self._flush_scheduled = False
+        socket = self._socket
+        outbox = self._outbox
+        if not outbox or self.close_code is not None:
             return
-        self._wake.set()
+        if socket is None:
+            self._wake.set()  # the writer task's job
+            return
+        if not socket.writable_now:
+            return  # the socket's resume_writing calls us again
+        frames = list(outbox)
+        outbox.clear()
+        sent, self._outbox_bytes = self._outbox_bytes, 0
+        socket.write_frames(frames)
+        self.last_sent = self.clock()
+        self.metrics.bytes_out.inc(sent)
 
     def close(self, code: int, reason: str) -> None:
         """Ask for this connection to end with ``code``; idempotent, callable from any task."""

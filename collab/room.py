@@ -155,17 +155,22 @@ class Room:
 
     # -- messages from members -----------------------------------------------------------------
 
-    async def handle(self, conn: Connection, message: Message) -> None:
+    def handle_now(self, conn: Connection, message: Message) -> bool:
+        """Handle ``message`` synchronously if it needs no waiting (nearly all traffic).
+
+        False — with nothing done — for what must be awaited: an update past its connection's
+        in-flight bound, or a service's message. The caller then awaits ``handle``."""
         if isinstance(message, SyncUpdate | SyncStep2):
             if message.update == EMPTY_UPDATE:
-                return  # every client's answer to our step 1 when it has nothing new: not a change
+                return True  # every client's answer to our step 1 when it has nothing new: not a change
             if not conn.identity.can_edit:
                 self.metrics.updates_rejected.inc()
                 if not conn.told_read_only:
                     conn.told_read_only = True
                     conn.send(protocol.encode_permission_denied("read-only: your edits are not saved"))
-                return
-            await conn.inflight.acquire()
+                return True
+            if not conn.inflight.try_acquire():
+                return False
             try:
                 self.commit(Origin.CLIENT, message.update, source=conn, author=conn.identity.user_id)
             except BaseException:
@@ -178,15 +183,26 @@ class Room:
         elif isinstance(message, QueryAwareness):
             self.presence.on_query(conn)
         elif isinstance(message, ExtensionMessage):
-            service = self._by_type.get(message.type)
-            if service is None:
-                conn.send(protocol.encode_extension(
-                    {"type": "error", "code": "unknown-type", "ref": message.type[:100],
-                     "message": "no service handles this message type"}))
-            else:
-                await service.handle(self, conn, message)
-        elif isinstance(message, AuthMessage):
-            pass  # clients have nothing to tell us here; the token is the only credential
+            if message.type in self._by_type:
+                return False
+            conn.send(protocol.encode_extension(
+                {"type": "error", "code": "unknown-type", "ref": message.type[:100],
+                 "message": "no service handles this message type"}))
+        # AuthMessage: clients have nothing to tell us here; the token is the only credential
+        return True
+
+    async def handle(self, conn: Connection, message: Message) -> None:
+        if self.handle_now(conn, message):
+            return
+        if isinstance(message, SyncUpdate | SyncStep2):
+            await conn.inflight.acquire()
+            try:
+                self.commit(Origin.CLIENT, message.update, source=conn, author=conn.identity.user_id)
+            except BaseException:
+                conn.inflight.release()
+                raise
+        elif isinstance(message, ExtensionMessage):
+            await self._by_type[message.type].handle(self, conn, message)
 
     def _broadcast(self, frame: bytes, exclude: Connection | None) -> None:
         for member in self.members:
@@ -200,13 +216,10 @@ class Room:
         if self.poisoned:
             raise ProtocolError("room unavailable", closecodes.TRY_AGAIN_LATER)
         try:
-            if author is None:
-                self.doc.apply_update(update)
-            else:
-                # The author is the transaction origin, so per-user trackers (undo) can tell
-                # whose change this is.
-                with self.doc.transaction(origin=author):
-                    self.doc.apply_update(update)
+            # Who made the change travels with it (``author``, stored with the row), not as a
+            # transaction origin: nothing observes this Doc's transactions, and an explicit
+            # transaction per update is a third of what applying it costs.
+            self.doc.apply_update(update)
         except Exception:
             raise ProtocolError("update rejected by the document") from None
         self._committed(origin, update, source, author)
@@ -288,6 +301,7 @@ class Room:
     def _relay(self, batch: list[_Pending]) -> None:
         members = self.members
         relayed = 0
+        touched: set[Connection] = set()
         for item in batch:
             source = item.source
             if item.effects is None:
@@ -296,14 +310,16 @@ class Room:
                 continue
             if item.effects.relay:
                 for member in members:
-                    if member is not source:
-                        member.send(item.frame)
+                    if member is not source and member.push(item.frame):
+                        touched.add(member)
                         relayed += 1
             if item.effects.publish:
                 self.bus.publish(self.name, "update", item.update)
             if source is not None:
                 source.inflight.release()
             self.metrics.relay_seconds.observe(time.perf_counter() - item.received)
+        for member in touched:
+            member.flush()  # each member's share of the batch in one write
         if relayed:
             self.metrics.updates_relayed.inc(relayed)
 

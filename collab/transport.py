@@ -9,11 +9,12 @@ room (broadcasting awareness removals) and sends the close code recorded on the 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from urllib.parse import unquote
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from collab import closecodes, protocol
+from collab import closecodes, protocol, wsfast
 from collab.auth import AccessDenied, authenticate, token_from
 from collab.connection import Connection, ConnectionLimits
 from collab.hub import Hub, RoomUnavailable
@@ -94,7 +95,7 @@ class WebsocketEndpoint:
                 conn.close(closecodes.TRY_AGAIN_LATER, "room unavailable")
                 await self._close(ws, conn)
                 return
-            await self._serve(ws, conn, room, receive, send)
+            await self._serve(ws, conn, room, scope, receive, send)
         finally:
             hub.unregister(conn)
 
@@ -106,32 +107,74 @@ class WebsocketEndpoint:
         await ws.accept(subprotocol=subprotocol)
         await ws.close(code, reason)
 
-    async def _serve(self, ws: WebSocket, conn: Connection, room, receive, send) -> None:
+    async def _serve(self, ws: WebSocket, conn: Connection, room, scope, receive, send) -> None:
         bind = log.bind(room=room.name, conn=conn.id, user=conn.identity.user_id)
         bind.info("connected", role=conn.identity.role, peer=conn.peer)
+        fast = scope.get("extensions", {}).get(wsfast.SCOPE_KEY)
+        writer: asyncio.Task[None] | None = None
+        if fast is not None:
+            # Our own protocol: messages are handled inside data_received and frames written
+            # from the loop; this task only sees what needs awaiting, and the disconnect.
+            conn.attach_socket(fast)
+            fast.attach(self._sink(conn, room), conn.flush)
+        else:
+            async def send_frame(frame: bytes) -> None:
+                await send({"type": "websocket.send", "bytes": frame})
+
+            # One extra task per connection, the writer; this task is the reader. The writer is
+            # owned here: cancelled and awaited below, whatever ends the connection.
+            writer = asyncio.get_running_loop().create_task(conn.write_loop(send_frame))
+            writer.add_done_callback(lambda task: _writer_done(task, conn))
         room.join(conn)
-
-        # After the handshake the hot path talks ASGI directly: starlette's WebSocket wrappers
-        # only re-check a state we already know, once per frame.
-        async def send_frame(frame: bytes) -> None:
-            await send({"type": "websocket.send", "bytes": frame})
-
-        # One extra task per connection, the writer; this task is the reader. The writer is
-        # owned here: cancelled and awaited below, whatever ends the connection.
-        writer = asyncio.get_running_loop().create_task(conn.write_loop(send_frame))
-        writer.add_done_callback(lambda task: _writer_done(task, conn))
         conn.bind_reader(asyncio.current_task())
         try:
             await self._read_loop(receive, conn, room)
         finally:
             conn.bind_reader(None)  # from here on, a late close() must not cancel our cleanup
-            # Whatever ended the reader, nothing more goes out: a closing connection's outbox is
-            # dropped, and the writer may be stuck on a client that stopped reading.
-            writer.cancel()
-            await asyncio.wait([writer])
+            if fast is not None:
+                fast.detach()
+                conn.attach_socket(None)
+            if writer is not None:
+                # Whatever ended the reader, nothing more goes out: a closing connection's outbox
+                # is dropped, and the writer may be stuck on a client that stopped reading.
+                writer.cancel()
+                await asyncio.wait([writer])
             room.leave(conn)
             await self._close(ws, conn)
             bind.info("disconnected", code=conn.close_code, reason=conn.close_reason)
+
+    def _sink(self, conn: Connection, room) -> Callable[[bytes], object]:
+        """The synchronous handler ``FastWebSocketProtocol`` calls with each binary message.
+
+        True: handled. Otherwise the ASGI event to queue for the reader task, carrying the
+        decoded message — while the reader is busy with one, later ones queue behind it."""
+        limits, clock = self.limits, self.hub.clock
+        bytes_in = self.hub.metrics.bytes_in
+        decode = protocol.decode
+
+        def sink(data: bytes) -> object:
+            if conn.close_code is not None:
+                return True  # closing: nothing more is read
+            bytes_in.inc(len(data))
+            now = clock()
+            conn.last_received = now
+            if not conn.bucket.take(now):
+                conn.close(closecodes.TRY_AGAIN_LATER, "rate limit exceeded")
+                return True
+            try:
+                message = decode(data, limits)
+                if not conn.reader_busy and room.handle_now(conn, message):
+                    return True
+            except ProtocolError as exc:
+                conn.close(exc.code, exc.reason)
+                return True
+            except Exception:  # noqa: BLE001 - a bug must end this socket, not the server's loop
+                log.exception("message handling failed", room=room.name, conn=conn.id)
+                conn.close(closecodes.INTERNAL_ERROR, "internal error")
+                return True
+            return {"type": "websocket.receive", "bytes": data, wsfast.SCOPE_KEY: message}
+
+        return sink
 
     async def _read_loop(self, receive, conn: Connection, room) -> None:
         limits = self.limits
@@ -144,16 +187,23 @@ class WebsocketEndpoint:
                 if kind == "websocket.disconnect":
                     conn.peer_closed = True
                     return
-                data = event.get("bytes")
-                if data is None:
-                    raise ProtocolError("text frames are not part of this protocol")
-                metrics.bytes_in.inc(len(data))
-                now = clock()
-                conn.last_received = now
-                if not conn.bucket.take(now):
-                    conn.close(closecodes.TRY_AGAIN_LATER, "rate limit exceeded")
-                    return
-                await room.handle(conn, protocol.decode(data, limits))
+                message = event.get(wsfast.SCOPE_KEY)
+                if message is None:  # not seen by the fast path's sink: charge and decode here
+                    data = event.get("bytes")
+                    if data is None:
+                        raise ProtocolError("text frames are not part of this protocol")
+                    metrics.bytes_in.inc(len(data))
+                    now = clock()
+                    conn.last_received = now
+                    if not conn.bucket.take(now):
+                        conn.close(closecodes.TRY_AGAIN_LATER, "rate limit exceeded")
+                        return
+                    message = protocol.decode(data, limits)
+                conn.reader_busy = True
+                try:
+                    await room.handle(conn, message)
+                finally:
+                    conn.reader_busy = False
         except ProtocolError as exc:
             conn.close(exc.code, exc.reason)
         except (WebSocketDisconnect, OSError, RuntimeError):

@@ -102,13 +102,15 @@ class Registry:
     def __init__(self) -> None:
         self.sessions: dict[str, SessionRecord] = {}
         self.by_node: dict[str, set[str]] = {}
+        self.by_key: dict[tuple[str, str], set[str]] = {}  # (room, user) -> sids: changes stay O(affected)
         self.heard: dict[str, float] = {}  # node -> local clock when last heard from
 
     def __len__(self) -> int:
         return len(self.sessions)
 
     def _affected(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], UserView]:
-        return summarize(r for r in self.sessions.values() if (r.room, r.user) in keys)
+        sessions, by_key = self.sessions, self.by_key
+        return summarize(sessions[sid] for key in keys for sid in by_key.get(key, ()))
 
     def _diff(self, keys: set[tuple[str, str]], before: dict[tuple[str, str], UserView]) -> list[Event]:
         after = self._affected(keys)
@@ -136,16 +138,23 @@ class Registry:
                 keys.add((old.room, old.user))
         before = self._affected(keys)
         for sid in removals:
-            rec = self.sessions.pop(sid)
-            node_sids = self.by_node.get(rec.node)
-            if node_sids is not None:
-                node_sids.discard(sid)
-                if not node_sids:
-                    del self.by_node[rec.node]
+            self._unindex(self.sessions.pop(sid))
         for rec in upserts:
+            old = self.sessions.get(rec.sid)
+            if old is not None:
+                self._unindex(old)
             self.sessions[rec.sid] = rec
             self.by_node.setdefault(rec.node, set()).add(rec.sid)
+            self.by_key.setdefault((rec.room, rec.user), set()).add(rec.sid)
         return self._diff(keys, before)
+
+    def _unindex(self, rec: SessionRecord) -> None:
+        for index, key in ((self.by_node, rec.node), (self.by_key, (rec.room, rec.user))):
+            sids = index.get(key)  # type: ignore[attr-defined]
+            if sids is not None:
+                sids.discard(rec.sid)
+                if not sids:
+                    del index[key]  # type: ignore[attr-defined]
 
     def upsert(self, records: Iterable[SessionRecord]) -> list[Event]:
         return self._change(records, ())

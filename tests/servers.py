@@ -178,10 +178,11 @@ class InProcessServer:
         import uvicorn
 
         from collab.app import create_app
+        from collab.wsfast import uvicorn_ws
 
         extra = {"clock": self._clock} if self._clock is not None else {}
         self.app = create_app(self.settings, network=self.network, store=self._store, services=self._services, **extra)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, ws=self.settings.ws_impl,
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, ws=uvicorn_ws(self.settings.ws_impl),
                                 lifespan="on", log_config=None, access_log=False, ws_per_message_deflate=False,
                                 ws_max_size=self.settings.max_frame_bytes + 65536)
         self._server = uvicorn.Server(config)

@@ -1,0 +1,109 @@
+"""The room socket's hot path, below ASGI: frames in and out without a task hop per message.
+
+uvicorn's websocket protocols hand every message to the app through an ASGI queue (one task
+wake-up per message, and reading paused until the app takes it) and take every outgoing frame
+as an awaited ``send`` (one more task per connection to drain an outbox). For a relay that is
+most of the CPU per update. ``FastWebSocketProtocol`` is uvicorn's sans-I/O protocol with two
+doors added for the room endpoint, which finds it in the ASGI scope after the handshake:
+
+* ``attach(sink)``: each complete binary message goes to ``sink(data)`` inside
+  ``data_received``, synchronously. The sink returns True when it dealt with the message, or
+  a replacement ASGI event to queue for the app's reader (a message that needs awaiting: a
+  service call, an update past its connection's in-flight bound). Once anything is queued,
+  every later message is queued behind it (order is kept), and reading pauses until the app
+  has drained the queue — so the queue holds at most what one read delivered.
+* ``write_frames(frames)``: server→client binary frames (never masked, never compressed:
+  per-message deflate is off for our sockets) written with one ``transport.write``. While the
+  transport is over its high-water mark (``writable`` false) the caller keeps its frames and
+  ``on_writable`` is called when it drains.
+
+Everything else — handshake, ping/pong, close handshake, parser errors, the disconnect event —
+stays uvicorn's and the websockets library's; data frames written here never interleave with
+theirs mid-frame because every write is a whole frame.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+SCOPE_KEY = "collab.fast_socket"
+
+Sink = Callable[[bytes], Any]
+
+
+def frame_header(length: int) -> bytes:
+    """The header of an unmasked, final, binary websocket frame of ``length`` payload bytes."""
+    if length < 126:
+        return bytes((0x82, length))
+    if length < 1 << 16:
+        return bytes((0x82, 126)) + length.to_bytes(2, "big")
+    return bytes((0x82, 127)) + length.to_bytes(8, "big")
+
+
+class FastWebSocketProtocol(WebSocketsSansIOProtocol):
+    sink: Sink | None = None
+    on_writable: Callable[[], None] | None = None
+
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)
+        if scope is not None and self.handshake_initiated and not self.close_sent:
+            scope["extensions"][SCOPE_KEY] = self
+
+    # -- incoming --------------------------------------------------------------------------
+
+    def attach(self, sink: Sink, on_writable: Callable[[], None]) -> None:
+        self.sink = sink
+        self.on_writable = on_writable
+
+    def detach(self) -> None:
+        self.sink = None
+        self.on_writable = None
+
+    def send_receive_event_to_app(self) -> None:
+        sink = self.sink
+        if sink is None or self.close_sent or self.curr_msg_data_type != "bytes" or not self.queue.empty():
+            super().send_receive_event_to_app()
+            return
+        frames = self.frames
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        self.frames = []
+        handled = sink(data)
+        if handled is True:
+            return
+        self.queue.put_nowait(handled)
+        if not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    # -- outgoing --------------------------------------------------------------------------
+
+    @property
+    def writable_now(self) -> bool:
+        return self.writable.is_set() and not self.close_sent and not self.disconnected
+
+    def write_frames(self, frames: list[bytes]) -> None:
+        parts: list[bytes] = []
+        for frame in frames:
+            parts.append(frame_header(len(frame)))
+            parts.append(frame)
+        self.transport.write(b"".join(parts))
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        callback = self.on_writable
+        if callback is not None:
+            callback()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.sink = None
+        self.on_writable = None
+        super().connection_lost(exc)
+
+
+def uvicorn_ws(ws_impl: str) -> Any:
+    """What to pass as uvicorn's ``ws=``: our protocol for the default implementation."""
+    return FastWebSocketProtocol if ws_impl == "websockets-sansio" else ws_impl
