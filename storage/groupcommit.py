@@ -162,7 +162,14 @@ class GroupCommitStore(Store):
             futures.append(future)
             self._wakeup.set()
         # Resolved in queue order: after the first one, the rest are usually done already.
-        return [await future for future in futures]
+        try:
+            return [await future for future in futures]
+        except BaseException:
+            # The first failure is raised; the rest (the same batch's, or later ones) are consumed
+            # so asyncio does not log each as "Future exception was never retrieved".
+            for future in futures:
+                future.add_done_callback(_consume)
+            raise
 
     async def flush(self) -> None:
         target = self._enqueued
@@ -245,6 +252,11 @@ class GroupCommitStore(Store):
         self._outstanding_bytes -= sum(len(p.data) for p in batch)
         self._resolved += len(batch)
         self._pulse()
+
+
+def _consume(future: asyncio.Future[int]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def chained(error: StoreError, cause: BaseException) -> StoreError:

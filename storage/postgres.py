@@ -10,9 +10,11 @@ Theory of operation
   only the caller can decide what to do with an update whose fate is unknown (Yjs updates are
   idempotent, so sending it again is always safe). Later appends succeed once the server answers.
 * Group commit (``groupcommit.GroupCommitStore``): the flusher writes every queued append (up to
-  MAX_BATCH_*) with ONE ``INSERT ... SELECT FROM unnest(...) ORDER BY n RETURNING id`` in one
-  transaction. Rows get their ids in batch order (the sequence is read row by row in that order), so
-  the sorted returned ids map back onto the batch.
+  MAX_BATCH_*) with ONE statement (``APPEND_BATCH``: lock the rooms, then ``INSERT ... SELECT FROM
+  unnest(...) ORDER BY n RETURNING id`` and record new rooms), sent outside BEGIN/COMMIT so that it
+  is its own transaction: one round trip per batch, durable when it returns. Rows get their ids in
+  batch order (the sequence is read row by row in that order), so the sorted returned ids map back
+  onto the batch.
 * Ids come from one identity sequence (``CACHE 1``): unique, never reused. But sequences do not
   commit in order across transactions: two processes appending to one room could commit id 11
   before id 10, and a reader (load, compaction, ``history(after_id=...)``) that saw 11 would skip 10
@@ -189,17 +191,28 @@ CONNECTION_LOST: tuple[type[BaseException], ...] = (
 
 T = TypeVar("T")
 
-LOCK_ROOMS = "SELECT pg_advisory_xact_lock($1, k) FROM unnest($2::int4[]) AS k"
-INSERT_BATCH = """
+# The flusher's whole transaction as ONE statement, sent outside BEGIN/COMMIT: it is its own
+# transaction, one round trip, committed when it returns. It locks the batch's rooms (ascending
+# keys: batches sharing rooms cannot deadlock), and only then draws ids, in batch order, and records
+# new rooms. "Only then" does not rest on the order PostgreSQL runs the parts of a statement in
+# (unspecified for WITH): both inserts read their rows through a join with the one-row count over
+# ``locked``, which cannot exist before every lock call in it has returned (MATERIALIZED: computed
+# once, its volatile calls exactly once per key). Rows leave the ordinality scan in batch order and
+# nextval() is evaluated above the ORDER BY, so the sorted ids map back onto the batch.
+APPEND_BATCH = """
+    WITH locked AS MATERIALIZED (
+             SELECT pg_advisory_xact_lock($5, k) FROM unnest($6::int4[]) AS k),
+         new_rooms AS (
+             INSERT INTO rooms (name, created_at)
+             SELECT r.name, $8 FROM (SELECT count(*) FROM locked) AS l, unnest($7::text[]) AS r (name)
+             ON CONFLICT (name) DO NOTHING)
     INSERT INTO updates (room, data, author, ts)
-    SELECT room, data, author, ts
-      FROM unnest($1::text[], $2::bytea[], $3::text[], $4::float8[])
+    SELECT b.room, b.data, b.author, b.ts
+      FROM (SELECT count(*) FROM locked) AS l,
+           unnest($1::text[], $2::bytea[], $3::text[], $4::float8[])
            WITH ORDINALITY AS b (room, data, author, ts, n)
-     ORDER BY n
+     ORDER BY b.n
     RETURNING id"""
-INSERT_ROOMS = """
-    INSERT INTO rooms (name, created_at) SELECT unnest($1::text[]), $2
-    ON CONFLICT (name) DO NOTHING"""
 # Snapshot (kind 0) and tail (kind 1) in one statement: one MVCC snapshot, one round trip.
 READ_ROOM = """
     WITH s AS (SELECT data, upto_id FROM snapshots WHERE room = $1)
@@ -422,17 +435,17 @@ class PostgresStore(GroupCommitStore):
         new_rooms = sorted(set(rooms) - self._known_rooms)
         async with self._write_lock:
             conn = await self._writable()
-            async with conn.transaction():
-                await conn.execute(LOCK_ROOMS, LOCK_APPEND, keys)
-                rows = await conn.fetch(
-                    INSERT_BATCH,
-                    rooms,
-                    [p.data for p in batch],
-                    [p.author for p in batch],
-                    [p.ts for p in batch],
-                )
-                if new_rooms:
-                    await conn.execute(INSERT_ROOMS, new_rooms, time.time())
+            rows = await conn.fetch(
+                APPEND_BATCH,
+                rooms,
+                [p.data for p in batch],
+                [p.author for p in batch],
+                [p.ts for p in batch],
+                LOCK_APPEND,
+                keys,
+                new_rooms,
+                time.time(),
+            )
         if len(self._known_rooms) + len(new_rooms) > KNOWN_ROOMS_CACHE:
             self._known_rooms.clear()
         self._known_rooms.update(new_rooms)

@@ -10,6 +10,11 @@ Theory of operation
   the busy handler instead of failing half-way when another process wrote first.
 * Group commit (``groupcommit.GroupCommitStore``): the flusher writes every queued append (up to
   MAX_BATCH_*) with one ``executemany`` in one ``BEGIN IMMEDIATE`` transaction.
+* Thread hops: every aiosqlite await is a trip to the connection's thread and back (an event-loop
+  wakeup). The hot transactions -- the flusher's batch, compaction's read and write, ``put_meta``,
+  ``load`` -- are therefore each ONE plain function run on the connection's thread (``_in_thread``),
+  ending its own transaction (COMMIT, or ROLLBACK on any error) before it returns. The connection's
+  lock is held meanwhile, so nothing else runs on that connection in between.
 * Ids: ``INTEGER PRIMARY KEY AUTOINCREMENT`` never hands out an id again, even after pruning deleted
   the newest rows (``history_keep=0``), so a room's ids only grow and "tail = rows with id >
   snapshot.upto_id" holds across restarts. With the write lock held, the rows of one ``executemany`` get consecutive ids that end at
@@ -277,27 +282,7 @@ class SQLiteStore(GroupCommitStore):
         new_rooms = {p.room for p in batch} - self._known_rooms
         async with self._write_lock:
             db = await self._writable()
-            try:
-                await db.execute("BEGIN IMMEDIATE")
-                cursor = await db.executemany(
-                    "INSERT INTO updates (room, data, author, ts) VALUES (?, ?, ?, ?)", rows
-                )
-                if cursor.rowcount != len(rows):
-                    raise StoreError(f"inserted {cursor.rowcount} rows of {len(rows)}")
-                async with db.execute("SELECT last_insert_rowid()") as cursor:
-                    row = await cursor.fetchone()
-                assert row is not None
-                last_id = int(row[0])
-                if new_rooms:
-                    now = time.time()
-                    await db.executemany(
-                        "INSERT OR IGNORE INTO rooms (name, created_at) VALUES (?, ?)",
-                        [(name, now) for name in sorted(new_rooms)],
-                    )
-                await db.execute("COMMIT")
-            except BaseException:
-                await _rollback(db)
-                raise
+            last_id = await _in_thread(db, _insert_batch, rows, sorted(new_rooms), time.time())
         if len(self._known_rooms) + len(new_rooms) > KNOWN_ROOMS_CACHE:
             self._known_rooms.clear()
         self._known_rooms |= new_rooms
@@ -339,16 +324,7 @@ class SQLiteStore(GroupCommitStore):
     async def _read_room(self, room: str) -> tuple[bytes | None, int, list[tuple[int, bytes]]]:
         """Snapshot, its upto_id and the tail rows (id, data), from one read transaction."""
         async with self._reading() as db:
-            try:
-                await db.execute("BEGIN")
-                snapshot, upto_id = await _read_snapshot(db, room)
-                rows = await db.execute_fetchall(
-                    "SELECT id, data FROM updates WHERE room = ? AND id > ? ORDER BY id",
-                    (room, upto_id),
-                )
-            finally:
-                await _rollback(db)  # ends the read transaction
-        return snapshot, upto_id, [(int(i), bytes(d)) for i, d in rows]
+            return await _in_thread(db, _read_room, room)
 
     async def history(
         self,
@@ -437,33 +413,7 @@ class SQLiteStore(GroupCommitStore):
         try:
             async with self._write_lock:
                 db = await self._writable()
-                try:
-                    await db.execute("BEGIN IMMEDIATE")
-                    if value is None:
-                        await db.execute(
-                            "DELETE FROM meta WHERE room = ? AND key = ?", (room, key)
-                        )
-                    else:
-                        cursor = await db.execute(
-                            "UPDATE meta SET value = ?, updated_at = ? WHERE room = ? AND key = ?",
-                            (value, time.time(), room, key),
-                        )
-                        if cursor.rowcount == 0:
-                            async with db.execute(
-                                "SELECT count(*) FROM meta WHERE room = ?", (room,)
-                            ) as counted:
-                                row = await counted.fetchone()
-                            if row is not None and row[0] >= MAX_META_KEYS:
-                                raise _TooManyKeys
-                            await db.execute(
-                                "INSERT INTO meta (room, key, value, updated_at) "
-                                "VALUES (?, ?, ?, ?)",
-                                (room, key, value, time.time()),
-                            )
-                    await db.execute("COMMIT")
-                except BaseException:
-                    await _rollback(db)
-                    raise
+                await _in_thread(db, _put_meta, room, key, value, time.time())
         except _TooManyKeys:
             raise ValueError(f"room {room!r} already holds {MAX_META_KEYS} meta keys") from None
         except (sqlite3.Error, ValueError) as exc:
@@ -670,32 +620,10 @@ class SQLiteStore(GroupCommitStore):
         try:
             async with self._write_lock:
                 db = await self._writable()
-                try:
-                    await db.execute("BEGIN IMMEDIATE")
-                    _, current = await _read_snapshot(db, room, with_data=False)
-                    if current != expected_upto_id:
-                        await _rollback(db)
-                        return False
-                    await db.execute(
-                        "INSERT INTO snapshots (room, data, upto_id, updated_at) "
-                        "VALUES (?, ?, ?, ?) ON CONFLICT (room) DO UPDATE SET "
-                        "data = excluded.data, upto_id = excluded.upto_id, "
-                        "updated_at = excluded.updated_at",
-                        (room, folded, new_upto_id, time.time()),
-                    )
-                    # Retention: keep the newest history_keep rows inside the snapshot, never a
-                    # row above it. No cutoff row (fewer rows than that) compares NULL: no delete.
-                    await db.execute(
-                        "DELETE FROM updates WHERE room = ?1 AND id <= ("
-                        "  SELECT id FROM updates WHERE room = ?1 AND id <= ?2"
-                        "  ORDER BY id DESC LIMIT 1 OFFSET ?3)",
-                        (room, new_upto_id, self.history_keep),
-                    )
-                    await db.execute("COMMIT")
-                    return True
-                except BaseException:
-                    await _rollback(db)
-                    raise
+                return await _in_thread(
+                    db, _replace_snapshot, room, folded, expected_upto_id, new_upto_id,
+                    self.history_keep, time.time(),
+                )
         except (sqlite3.Error, ValueError) as exc:
             self._writer_suspect = True
             raise StoreError(f"compaction of {room!r} failed: {exc}") from exc
@@ -748,15 +676,130 @@ class _Reading:
             raise StoreError(f"SQLite read failed: {exc}") from exc
 
 
-async def _read_snapshot(
-    db: aiosqlite.Connection, room: str, *, with_data: bool = True
-) -> tuple[bytes | None, int]:
+# -- whole transactions, each run in its connection's own thread as ONE call ----------------------
+#
+# Every aiosqlite await is a hop to the connection's thread and a wakeup of the event loop on the way
+# back; a transaction of five statements paid for ten. These run a whole transaction as one plain
+# function on the connection's thread (``_in_thread``): one hop, and the sqlite3 calls release the
+# GIL while SQLite works. The caller holds the connection's lock (``_write_lock`` / ``_read_lock``),
+# so nothing else is queued on it in between; each function ends its own transaction, also on error.
+
+
+async def _in_thread(db: aiosqlite.Connection, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(connection, *args)`` on ``db``'s thread, in order with the rest of its queue.
+
+    aiosqlite has no public call for this; ``_execute`` is what its own methods queue work with
+    (tests/storage counts on it). Raises ValueError, like aiosqlite, if ``db`` is closed.
+    """
+    return await db._execute(_call_with_connection, db, fn, args)
+
+
+def _call_with_connection(db: aiosqlite.Connection, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+    return fn(db._conn, *args)  # _conn raises ValueError once the connection is closed
+
+
+def _insert_batch(
+    conn: sqlite3.Connection, rows: list[tuple[str, bytes, str | None, float]], new_rooms: list[str], now: float
+) -> int:
+    """The flusher's transaction: the rows (one executemany), their rooms; the last row's id."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        cursor = conn.executemany("INSERT INTO updates (room, data, author, ts) VALUES (?, ?, ?, ?)", rows)
+        if cursor.rowcount != len(rows):
+            raise StoreError(f"inserted {cursor.rowcount} rows of {len(rows)}")
+        (last_id,) = conn.execute("SELECT last_insert_rowid()").fetchone()
+        if new_rooms:
+            conn.executemany(
+                "INSERT OR IGNORE INTO rooms (name, created_at) VALUES (?, ?)", [(name, now) for name in new_rooms]
+            )
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback_sync(conn)
+        raise
+    return int(last_id)
+
+
+def _read_room(conn: sqlite3.Connection, room: str) -> tuple[bytes | None, int, list[tuple[int, bytes]]]:
+    """Snapshot, upto_id and tail rows of a room, in one read transaction."""
+    conn.execute("BEGIN")
+    try:
+        snapshot, upto_id = _read_snapshot(conn, room)
+        rows = conn.execute(
+            "SELECT id, data FROM updates WHERE room = ? AND id > ? ORDER BY id", (room, upto_id)
+        ).fetchall()
+    finally:
+        _rollback_sync(conn)  # ends the read transaction
+    return snapshot, upto_id, [(int(i), bytes(d)) for i, d in rows]
+
+
+def _replace_snapshot(
+    conn: sqlite3.Connection, room: str, folded: bytes, expected_upto_id: int, new_upto_id: int,
+    history_keep: int, now: float,
+) -> bool:
+    """Compaction's write: the new snapshot and the pruning, only if upto_id is still the one read."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        _, current = _read_snapshot(conn, room, with_data=False)
+        if current != expected_upto_id:
+            _rollback_sync(conn)
+            return False
+        conn.execute(
+            "INSERT INTO snapshots (room, data, upto_id, updated_at) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT (room) DO UPDATE SET "
+            "data = excluded.data, upto_id = excluded.upto_id, "
+            "updated_at = excluded.updated_at",
+            (room, folded, new_upto_id, now),
+        )
+        # Retention: keep the newest history_keep rows inside the snapshot, never a row above
+        # it. No cutoff row (fewer rows than that) compares NULL: no delete.
+        conn.execute(
+            "DELETE FROM updates WHERE room = ?1 AND id <= ("
+            "  SELECT id FROM updates WHERE room = ?1 AND id <= ?2"
+            "  ORDER BY id DESC LIMIT 1 OFFSET ?3)",
+            (room, new_upto_id, history_keep),
+        )
+        conn.execute("COMMIT")
+        return True
+    except BaseException:
+        _rollback_sync(conn)
+        raise
+
+
+def _put_meta(conn: sqlite3.Connection, room: str, key: str, value: bytes | None, now: float) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if value is None:
+            conn.execute("DELETE FROM meta WHERE room = ? AND key = ?", (room, key))
+        elif conn.execute(
+            "UPDATE meta SET value = ?, updated_at = ? WHERE room = ? AND key = ?", (value, now, room, key)
+        ).rowcount == 0:
+            (count,) = conn.execute("SELECT count(*) FROM meta WHERE room = ?", (room,)).fetchone()
+            if count >= MAX_META_KEYS:
+                raise _TooManyKeys
+            conn.execute(
+                "INSERT INTO meta (room, key, value, updated_at) VALUES (?, ?, ?, ?)", (room, key, value, now)
+            )
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback_sync(conn)
+        raise
+
+
+def _read_snapshot(conn: sqlite3.Connection, room: str, *, with_data: bool = True) -> tuple[bytes | None, int]:
     columns = "data, upto_id" if with_data else "NULL, upto_id"
-    async with db.execute(f"SELECT {columns} FROM snapshots WHERE room = ?", (room,)) as cursor:
-        row = await cursor.fetchone()
+    row = conn.execute(f"SELECT {columns} FROM snapshots WHERE room = ?", (room,)).fetchone()
     if row is None:
         return None, 0
     return (bytes(row[0]) if row[0] is not None else None), int(row[1])
+
+
+def _rollback_sync(conn: sqlite3.Connection) -> None:
+    """End the current transaction, if any; never raises (the connection may be broken)."""
+    try:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+    except Exception:
+        pass
 
 
 async def _close_quietly(db: aiosqlite.Connection) -> None:

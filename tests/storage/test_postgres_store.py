@@ -405,6 +405,57 @@ async def test_terminated_connections_fail_pending_appends_then_recover(opened, 
     assert await store.compact("r")
 
 
+async def test_a_batch_draws_ids_and_records_rooms_only_once_its_rooms_are_locked(opened, admin) -> None:
+    # The batch is one statement; its ids must still be drawn after the room's lock (committed ids
+    # stay a prefix), and its new rooms recorded after it too (two batches inserting one new room
+    # each while waiting for the other's lock would deadlock). While another node holds room "n",
+    # a batch for "n" must have done neither.
+    store, other = await opened(), await opened()
+    before = await store.append("r", update_of("before"))
+    await admin.execute(
+        "SELECT pg_advisory_lock($1, $2)", LOCK_APPEND, lock_key(store.schema or "", "n")
+    )
+    try:
+        blocked = asyncio.create_task(store.append_many("n", [(update_of(f"n{n}"), None) for n in range(3)]))
+        await wait_for_lock_waiters(admin, 1)
+        elsewhere = await other.append("s", update_of("s"))
+        assert elsewhere == before + 1  # no id was drawn for "n"
+        async with admin.transaction():  # no uncommitted "n" row to wait for
+            await admin.execute("SET LOCAL lock_timeout = '2s'")
+            await admin.execute(
+                f'INSERT INTO "{store.schema}".rooms VALUES (\'n\', 0) ON CONFLICT DO NOTHING')
+            await admin.execute(f'DELETE FROM "{store.schema}".rooms WHERE name = \'n\'')
+        assert not blocked.done()
+    finally:
+        await admin.execute("SELECT pg_advisory_unlock_all()")
+    assert await asyncio.wait_for(blocked, 10) == [elsewhere + 1, elsewhere + 2, elsewhere + 3]
+    assert await store.rooms() == ["n", "r", "s"]
+
+
+async def test_a_failed_batch_leaves_nothing_behind(opened, admin) -> None:
+    # One statement, one transaction: a row the database refuses takes the whole batch with it,
+    # rooms included, and the writer carries on.
+    store = await opened()
+    schema = store.schema
+    await admin.execute(f"""
+        CREATE FUNCTION "{schema}".refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'refused'; END $$;
+        CREATE TRIGGER refuse BEFORE INSERT ON "{schema}".updates
+        FOR EACH ROW WHEN (NEW.room = 'bad') EXECUTE FUNCTION "{schema}".refuse();
+    """)
+    store.max_pending = 1_000
+    results = await asyncio.gather(
+        store.append_many("good", [(update_of(f"g{n}"), "a") for n in range(5)]),
+        store.append("bad", update_of("b")),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, StoreError) for r in results), results
+    assert await admin.fetchval(f'SELECT count(*) FROM "{schema}".updates') == 0
+    assert await store.rooms() == []
+    assert await store.append("good", update_of("ok")) > 0
+    assert await store.rooms() == ["good"]
+
+
 async def test_reads_survive_a_restart_of_every_connection(opened, admin) -> None:
     store = await opened(pool_size=2)
     await store.append("r", update_of("x"))

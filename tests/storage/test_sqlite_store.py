@@ -297,3 +297,86 @@ async def test_closing_refuses_appends_waiting_for_room(opened) -> None:
     assert isinstance(await first, int)
     with pytest.raises(StoreClosed):
         await waiting
+
+
+# -- one thread hop per transaction ----------------------------------------------------------------
+
+
+def count_hops(store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Calls queued on the writer's and reader's threads (each one hop and one loop wakeup)."""
+    import aiosqlite
+
+    hops = {"writer": 0, "reader": 0}
+    original = aiosqlite.Connection._execute
+
+    async def counting(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        hops["writer" if self is store._writer else "reader"] += 1
+        return await original(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(aiosqlite.Connection, "_execute", counting)
+    return hops
+
+
+async def test_a_batch_compaction_and_meta_are_one_hop_each(opened, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = await opened()
+    hops = count_hops(store, monkeypatch)
+    ids = await store.append_many("r", [(update_of(f"u{n}"), "a") for n in range(4)])  # new room too
+    assert hops == {"writer": 1, "reader": 0} and store.commits == 1
+    assert ids == list(range(ids[0], ids[0] + 4))
+    assert await store.rooms() == ["r"]
+
+    hops.update(writer=0, reader=0)
+    assert await store.compact("r")
+    assert hops == {"writer": 1, "reader": 1}  # read snapshot + tail, write snapshot + prune
+
+    hops.update(writer=0, reader=0)
+    await store.put_meta("r", "k", b"v")
+    await store.load("r")
+    assert hops == {"writer": 1, "reader": 1}
+
+
+async def test_a_failed_batch_is_rolled_back_whole_and_the_writer_carries_on(opened) -> None:
+    store = await opened()
+    with sqlite3.connect(store.path) as db:  # the database refuses some rows half-way through
+        db.execute("CREATE TRIGGER refuse BEFORE INSERT ON updates WHEN NEW.room = 'bad' "
+                   "BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    results = await asyncio.gather(
+        store.append_many("good", [(update_of(f"g{n}"), "a") for n in range(5)]),
+        store.append("bad", update_of("b")),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, StoreError) for r in results), results
+    assert "refused" in str(results[0])
+    with sqlite3.connect(store.path) as probe:
+        assert probe.execute("SELECT count(*) FROM updates").fetchone() == (0,)
+        assert probe.execute("SELECT count(*) FROM rooms").fetchone() == (0,)
+        assert not probe.in_transaction
+    assert await store.append("good", update_of("ok")) > 0
+    assert await store.rooms() == ["good"]  # the failed batch did not mark the room as known
+
+
+async def test_a_failed_append_many_leaves_no_unretrieved_errors(opened, monkeypatch: pytest.MonkeyPatch) -> None:
+    # append_many raises the first failure; the other updates' failures must count as retrieved,
+    # or asyncio logs "Future exception was never retrieved" for each when it is collected.
+    store = await opened()
+    assert store._writer is not None
+    await store._writer.execute("PRAGMA query_only = ON")
+    from storage import groupcommit
+
+    queued: list[groupcommit.Pending] = []
+    real = groupcommit.Pending
+
+    def recording(*args: object) -> groupcommit.Pending:
+        queued.append(real(*args))  # type: ignore[arg-type]
+        return queued[-1]
+
+    monkeypatch.setattr(groupcommit, "Pending", recording)
+    with pytest.raises(StoreError):
+        await store.append_many("r", [(update_of(f"u{n}"), None) for n in range(5)])
+    await asyncio.sleep(0)  # the done callbacks run
+    created = [p.future for p in queued]
+    assert len(created) == 5 and all(f.done() for f in created)
+    # asyncio's own flag for "log this exception when collected", cleared once it was looked at
+    # (checked before anything here looks at them).
+    assert not any(getattr(f, "_log_traceback", False) for f in created)
+    assert all(isinstance(f.exception(), StoreError) for f in created)
