@@ -23,7 +23,8 @@ tail, so its cost is bounded by how often the room is compacted, not by the room
   tail. Compaction writes only if the snapshot's ``upto_id`` is still the one it read, so two racing
   compactions (two tasks, processes or hosts) can neither lose nor duplicate an update; PostgreSQL
   also lets only one node compact a room at a time (advisory try-lock: the loser returns False).
-  Folding keeps parts a Doc could not integrate yet (see ``fold_updates``).
+  Folding keeps parts a Doc could not integrate yet (see ``fold_updates``). Each store keeps the
+  Doc of a room's last fold (``FoldCache``), so compacting the room again only applies the new tail.
 * Retention: the same compaction prunes history, keeping the newest ``history_keep`` rows at or below
   the new ``upto_id`` (default ``DEFAULT_HISTORY_KEEP``; 0 deletes every folded row). Pruning only
   ever deletes rows already inside the snapshot (id <= upto_id): the tail is never touched. A room
@@ -44,6 +45,8 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -361,59 +364,157 @@ def prefix_upper_bound(prefix: str) -> str | None:
 def fold_updates(snapshot: bytes | None, updates: list[bytes]) -> bytes:
     """One Yjs v1 update holding everything in the snapshot and the updates, nothing lost.
 
-    Applies them to a fresh Doc and encodes it: ``pycrdt.merge_updates`` is superlinear (seconds for
-    ~20k small updates), this is ~20x faster. But a Doc drops what it could not integrate -- structs
-    whose predecessors are missing and deletions of items it has never seen (possible when a peer
-    synced over another channel) -- and ``Doc.get_update()`` leaves them out. So every input is
-    checked against the final state vector, and inputs with parts beyond it are merged back in
-    verbatim with ``merge_updates`` (rare and small), keeping them until their dependencies arrive.
+    Applies them to a fresh Doc and encodes it: ``pycrdt.merge_updates`` of everything is superlinear
+    (seconds for ~20k small updates), this is ~20x faster. But a Doc drops what it could not
+    integrate -- structs whose predecessors are missing and deletions of items it has never seen
+    (possible when a peer synced over another channel) -- and ``Doc.get_update()`` leaves them out.
+    So every input is checked against the final state vector, and the parts of it beyond that are
+    merged back in verbatim with ``merge_updates`` (rare and small), keeping them until their
+    dependencies arrive.
 
-    Pure CPU; pycrdt holds the GIL per call, so run it in a worker thread (each Doc stays there).
+    Pure CPU; pycrdt holds the GIL per call, so run it in a worker thread. ``FoldCache.fold`` does
+    the same but reuses the Doc of the room's previous fold instead of decoding its snapshot again.
     """
-    inputs = ([snapshot] if snapshot is not None else []) + updates
-    doc = pycrdt.Doc()
-    for update in inputs:
-        doc.apply_update(update)
+    return _fold(None, snapshot, updates)[0]
+
+
+# FoldCache budget per store, in bytes of folded snapshots: a room's Doc takes several times its
+# encoded size in memory (~7x for a long plain-text document), so this is ~30 MiB of Docs at most.
+DEFAULT_FOLD_CACHE_BYTES = 4 * 1024 * 1024
+FOLD_CACHE_ROOMS = 256
+
+
+class FoldCache:
+    """``fold_updates`` that keeps each room's Doc from its last fold, so that compacting the room
+    again only applies the new tail instead of decoding the whole snapshot into a fresh Doc.
+
+    A kept Doc is reused only when the snapshot passed in is byte for byte the update that Doc
+    produced, so whatever happened meanwhile (another process compacted the room, our write lost
+    a race, a restore) simply means a fresh Doc. Only Docs that hold all of their fold are kept (no
+    parts merged back), and a Doc is taken out while a fold uses it: a failed fold drops it, two
+    folds of one room never share it. Least recently folded rooms go first once the folded bytes
+    kept pass ``max_bytes`` (0: keep nothing). Thread-safe: folds run in worker threads.
+    """
+
+    def __init__(self, max_bytes: int = DEFAULT_FOLD_CACHE_BYTES, max_rooms: int = FOLD_CACHE_ROOMS) -> None:
+        if max_bytes < 0 or max_rooms < 0:
+            raise ValueError("max_bytes and max_rooms must be >= 0")
+        self.max_bytes = max_bytes
+        self.max_rooms = max_rooms
+        self.hits = 0
+        self.misses = 0
+        self._docs: OrderedDict[str, tuple[bytes, pycrdt.Doc]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._docs)
+
+    def fold(self, room: str, snapshot: bytes | None, updates: list[bytes]) -> bytes:
+        with self._lock:
+            kept = self._docs.pop(room, None)
+            if kept is not None:
+                self._bytes -= len(kept[0])
+            doc = kept[1] if kept is not None and kept[0] == snapshot else None
+            if doc is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+        folded, doc, whole = _fold(doc, snapshot, updates)
+        if whole and len(folded) <= self.max_bytes and self.max_rooms:
+            with self._lock:
+                previous = self._docs.pop(room, None)  # a concurrent fold of the room finished first
+                if previous is not None:
+                    self._bytes -= len(previous[0])
+                self._docs[room] = (folded, doc)
+                self._bytes += len(folded)
+                while self._bytes > self.max_bytes or len(self._docs) > self.max_rooms:
+                    _, (dropped, _) = self._docs.popitem(last=False)
+                    self._bytes -= len(dropped)
+        return folded
+
+    def clear(self) -> None:
+        with self._lock:
+            self._docs.clear()
+            self._bytes = 0
+
+
+# Updates are merged in chunks of this many before they are applied: one apply_update of a merged
+# chunk costs about what one of a single update does (a transaction over the whole document),
+# and merging is cheap at this size (merge_updates is superlinear only in much larger counts).
+FOLD_CHUNK = 64
+
+
+def _fold(doc: pycrdt.Doc | None, snapshot: bytes | None, updates: list[bytes]) -> tuple[bytes, pycrdt.Doc, bool]:
+    """(folded update, the Doc holding it, whether the Doc holds all of it).
+
+    ``doc``, if given, must hold exactly ``snapshot`` with nothing left unintegrated (the Doc of a
+    previous clean fold); it is mutated. Otherwise a fresh Doc is made and the snapshot applied.
+    """
+    inputs: list[bytes] = []  # what must be checked against the final state
+    if doc is None:
+        doc = pycrdt.Doc()
+        if snapshot is not None:
+            doc.apply_update(snapshot)
+            inputs.append(snapshot)
+    for start in range(0, len(updates), FOLD_CHUNK):
+        chunk = updates[start:start + FOLD_CHUNK]
+        merged = chunk[0] if len(chunk) == 1 else pycrdt.merge_updates(*chunk)
+        doc.apply_update(merged)
+        inputs.append(merged)
     folded = doc.get_update()
+    if not inputs:
+        return folded, doc, True
     state = doc.get_state()
-    known = _decode_state_vector(state)
-    unintegrated = [u for u in inputs if not _covered(pycrdt.get_update(u, state), known)]
-    if unintegrated:
-        return pycrdt.merge_updates(folded, *unintegrated)
-    return folded
+    known = _StateSet(state)
+    # An input's diff against the final state vector holds its structs the Doc lacks and its whole
+    # delete set: exactly what merging the input back would add. Usually nothing.
+    leftovers = [diff for diff in (pycrdt.get_update(u, state) for u in inputs) if not known.covers(diff)]
+    if leftovers:
+        return pycrdt.merge_updates(folded, *leftovers), doc, False
+    return folded, doc, True
 
 
-def _covered(diff: bytes, known: dict[int, int]) -> bool:
-    """Whether an update's diff against the doc's state vector adds nothing the doc lacks.
+class _StateSet:
+    """The ids below a state vector, to test whether a diff adds anything beyond it."""
 
-    The diff keeps structs at or beyond the state vector (none if all were integrated) and the
-    update's whole delete set, whose ranges must lie below the state vector to have been applied.
-    """
-    clients, pos = _read_var_uint(diff, 0)
-    if clients != 0:
-        return False
-    if pos == len(diff):
-        return True
-    ds_clients, pos = _read_var_uint(diff, pos)
-    for _ in range(ds_clients):
-        client, pos = _read_var_uint(diff, pos)
-        ranges, pos = _read_var_uint(diff, pos)
-        for _ in range(ranges):
-            clock, pos = _read_var_uint(diff, pos)
-            length, pos = _read_var_uint(diff, pos)
-            if clock + length > known.get(client, 0):
-                return False
-    return True
+    # IdMap.from_set keeps only ranges that carry an attribute; which one does not matter.
+    _MARK = [pycrdt.ContentAttribute("deleted", True)]
+
+    def __init__(self, state: bytes) -> None:
+        self._state = state
+        self._ids: pycrdt.IdSet | None = None
+
+    def covers(self, diff: bytes) -> bool:
+        """Whether an update's diff against the state adds nothing: no structs, and a delete set
+        whose ranges all lie below the state vector (those deletions have been applied)."""
+        if diff[:1] != b"\x00":  # varuint struct-client count: not zero
+            return False
+        delete_set = diff[1:]
+        if delete_set in (b"", b"\x00"):
+            return True
+        if self._ids is None:
+            self._ids = pycrdt.IdSet.decode(_id_set_below(self._state))
+        beyond = pycrdt.IdMap.from_set(pycrdt.IdSet.decode(delete_set), self._MARK)
+        beyond.diff_with(self._ids)
+        return beyond.is_empty()
 
 
-def _decode_state_vector(state: bytes) -> dict[int, int]:
+def _id_set_below(state: bytes) -> bytes:
+    """Encode (as a delete set / IdSet) every id below a state vector: one range per client."""
     count, pos = _read_var_uint(state, 0)
-    known: dict[int, int] = {}
+    ranges: list[tuple[int, int]] = []
     for _ in range(count):
         client, pos = _read_var_uint(state, pos)
         clock, pos = _read_var_uint(state, pos)
-        known[client] = clock
-    return known
+        if clock:
+            ranges.append((client, clock))
+    out = bytearray()
+    _write_var_uint(out, len(ranges))
+    for client, clock in ranges:
+        for value in (client, 1, 0, clock):  # client, one range, [0, clock)
+            _write_var_uint(out, value)
+    return bytes(out)
 
 
 def _read_var_uint(data: bytes, pos: int) -> tuple[int, int]:
@@ -425,3 +526,10 @@ def _read_var_uint(data: bytes, pos: int) -> tuple[int, int]:
         if byte < 0x80:
             return value, pos
     raise ValueError("varint longer than 10 bytes")
+
+
+def _write_var_uint(out: bytearray, value: int) -> None:
+    while value > 0x7F:
+        out.append(0x80 | (value & 0x7F))
+        value >>= 7
+    out.append(value)

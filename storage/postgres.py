@@ -56,7 +56,9 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 import asyncpg
 
 from .base import (
+    DEFAULT_FOLD_CACHE_BYTES,
     DEFAULT_HISTORY_KEEP,
+    FoldCache,
     MAX_META_KEYS,
     RoomState,
     StoreError,
@@ -68,7 +70,6 @@ from .base import (
     check_meta_value,
     check_prefix,
     check_room,
-    fold_updates,
     prefix_upper_bound,
 )
 from .chat import (
@@ -252,6 +253,7 @@ class PostgresStore(GroupCommitStore):
         max_pending: int = DEFAULT_MAX_PENDING,
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
         history_keep: int = DEFAULT_HISTORY_KEEP,
+        fold_cache_bytes: int = DEFAULT_FOLD_CACHE_BYTES,
         synchronous: str = "FULL",
     ) -> None:
         if not dsn.startswith(("postgresql://", "postgres://")):
@@ -273,6 +275,7 @@ class PostgresStore(GroupCommitStore):
         self.connect_timeout = connect_timeout
         self.synchronous = mode
         self.history_keep = check_history_keep(history_keep)
+        self._folds = FoldCache(fold_cache_bytes)  # the Doc of each room's last fold, for its next one
 
         self._pool: asyncpg.Pool | None = None
         self._writer: asyncpg.Connection | None = None
@@ -357,6 +360,7 @@ class PostgresStore(GroupCommitStore):
                 await conn.execute("UPDATE schema_version SET version = $1", SCHEMA_VERSION)
 
     async def _close_backend(self) -> None:
+        self._folds.clear()
         async with self._write_lock:
             writer, self._writer = self._writer, None
             if writer is not None:
@@ -753,7 +757,7 @@ class PostgresStore(GroupCommitStore):
                     return False
                 new_upto_id = tail[-1][0]
                 try:
-                    folded = await asyncio.to_thread(fold_updates, snapshot, [d for _, d in tail])
+                    folded = await asyncio.to_thread(self._folds.fold, room, snapshot, [d for _, d in tail])
                 except Exception as exc:  # pycrdt refused a stored update: leave the rows alone
                     raise StoreError(f"cannot fold room {room!r}: {exc}") from exc
                 async with conn.transaction():

@@ -51,7 +51,9 @@ from typing import Any, Literal, TypeVar
 import aiosqlite
 
 from .base import (
+    DEFAULT_FOLD_CACHE_BYTES,
     DEFAULT_HISTORY_KEEP,
+    FoldCache,
     MAX_META_KEYS,
     RoomState,
     StoreClosed,
@@ -64,7 +66,6 @@ from .base import (
     check_meta_value,
     check_prefix,
     check_room,
-    fold_updates,
     prefix_upper_bound,
 )
 from .chat import (
@@ -182,6 +183,7 @@ class SQLiteStore(GroupCommitStore):
         max_pending: int = DEFAULT_MAX_PENDING,
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
         history_keep: int = DEFAULT_HISTORY_KEEP,
+        fold_cache_bytes: int = DEFAULT_FOLD_CACHE_BYTES,
     ) -> None:
         path = Path(path).expanduser()
         if str(path) in ("", ".") or str(path).startswith(":memory:"):
@@ -196,6 +198,7 @@ class SQLiteStore(GroupCommitStore):
         self.synchronous: Synchronous = "FULL" if mode == "FULL" else "NORMAL"
         self.busy_timeout = busy_timeout
         self.history_keep = check_history_keep(history_keep)
+        self._folds = FoldCache(fold_cache_bytes)  # the Doc of each room's last fold, for its next one
 
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
@@ -224,6 +227,7 @@ class SQLiteStore(GroupCommitStore):
             raise
 
     async def _close_backend(self) -> None:
+        self._folds.clear()
         async with self._write_lock, self._read_lock:
             await self._close_connections()
 
@@ -606,7 +610,7 @@ class SQLiteStore(GroupCommitStore):
                 return False
             new_upto_id = tail[-1][0]
             try:
-                folded = await asyncio.to_thread(fold_updates, snapshot, [d for _, d in tail])
+                folded = await asyncio.to_thread(self._folds.fold, room, snapshot, [d for _, d in tail])
             except Exception as exc:  # pycrdt refused a stored update: leave the rows alone
                 raise StoreError(f"cannot fold room {room!r}: {exc}") from exc
             if await self._replace_snapshot(room, folded, upto_id, new_upto_id):

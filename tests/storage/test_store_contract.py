@@ -280,6 +280,29 @@ async def test_two_stores_on_one_storage_lose_nothing(open_new) -> None:
     assert_tokens(text_of(state), everyone)
 
 
+async def test_compaction_reuses_its_doc_only_while_the_snapshot_is_its_own(open_new) -> None:
+    store, other = await open_new(), await open_new()
+    writer = Writer("w")
+
+    async def append(target: Store, count: int) -> None:
+        for _ in range(count):
+            await target.append("r", writer.insert_token())
+
+    await append(store, 5)
+    assert await store.compact("r")
+    await append(store, 5)
+    assert await store.compact("r")
+    assert (store._folds.hits, store._folds.misses) == (1, 1)  # type: ignore[attr-defined]
+    await append(other, 5)
+    assert await other.compact("r")  # the snapshot is no longer the one store's Doc made
+    await append(store, 5)
+    assert await store.compact("r")
+    assert (store._folds.hits, store._folds.misses) == (1, 2)  # type: ignore[attr-defined]
+    assert_tokens(text_of(await store.load("r")), [writer])
+    await store.close()
+    assert len(store._folds) == 0  # type: ignore[attr-defined]
+
+
 async def test_history_lists_rows_with_attribution(store: Store) -> None:
     writer = Writer("w")
     start = time.time()
