@@ -65,9 +65,12 @@ class InflightLimit:
         return False
 
     async def acquire(self) -> None:
+        """Wait until at most half the bound is in flight (not just one slot): a client that
+        outruns storage then goes back to the fast path for a run of updates, instead of
+        trickling through this task one update per commit."""
         self._waiting = True
         try:
-            while self.count >= self.limit:
+            while self.count > self.limit // 2:
                 if self._released is None:
                     self._released = asyncio.Event()
                 self._released.clear()
@@ -98,7 +101,6 @@ class Connection:
         self.last_received = now
         self.bucket = TokenBucket(limits.rate_limit, limits.rate_burst, now)
         self.inflight = InflightLimit(limits.max_inflight)
-        self.reader_busy = False  # the reader task is handling a message that needed awaiting
         self.told_read_only = False
         self.peer_closed = False
         self.close_code: int | None = None

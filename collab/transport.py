@@ -9,6 +9,7 @@ room (broadcasting awareness removals) and sends the close code recorded on the 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable
 from urllib.parse import unquote
 
@@ -19,7 +20,7 @@ from collab.auth import AccessDenied, authenticate, token_from
 from collab.connection import Connection, ConnectionLimits
 from collab.hub import Hub, RoomUnavailable
 from collab.logs import get_logger
-from collab.protocol import ProtocolError
+from collab.protocol import Message, ProtocolError
 
 MAX_ROOM_NAME_BYTES = 512
 # Websocket paths that are never rooms (served by features, or kept for them).
@@ -112,11 +113,12 @@ class WebsocketEndpoint:
         bind.info("connected", role=conn.identity.role, peer=conn.peer)
         fast = scope.get("extensions", {}).get(wsfast.SCOPE_KEY)
         writer: asyncio.Task[None] | None = None
+        backlog: deque[Message] = deque()
         if fast is not None:
             # Our own protocol: messages are handled inside data_received and frames written
             # from the loop; this task only sees what needs awaiting, and the disconnect.
             conn.attach_socket(fast)
-            fast.attach(self._sink(conn, room), conn.flush)
+            fast.attach(self._sink(conn, room, fast, backlog), conn.flush)
         else:
             async def send_frame(frame: bytes) -> None:
                 await send({"type": "websocket.send", "bytes": frame})
@@ -128,7 +130,7 @@ class WebsocketEndpoint:
         room.join(conn)
         conn.bind_reader(asyncio.current_task())
         try:
-            await self._read_loop(receive, conn, room)
+            await self._read_loop(receive, conn, room, fast, backlog)
         finally:
             conn.bind_reader(None)  # from here on, a late close() must not cancel our cleanup
             if fast is not None:
@@ -143,40 +145,58 @@ class WebsocketEndpoint:
             await self._close(ws, conn)
             bind.info("disconnected", code=conn.close_code, reason=conn.close_reason)
 
-    def _sink(self, conn: Connection, room) -> Callable[[bytes], object]:
+    def _sink(self, conn: Connection, room, fast: wsfast.FastWebSocketProtocol,
+              backlog: deque[Message]) -> Callable[[bytes], None]:
         """The synchronous handler ``FastWebSocketProtocol`` calls with each binary message.
 
-        True: handled. Otherwise the ASGI event to queue for the reader task, carrying the
-        decoded message — while the reader is busy with one, later ones queue behind it."""
+        Handled on the spot when possible; otherwise — or while earlier messages wait — it goes
+        to ``backlog``, reading pauses, and the reader task (``_drain``) takes over."""
         limits, clock = self.limits, self.hub.clock
         bytes_in = self.hub.metrics.bytes_in
         decode = protocol.decode
 
-        def sink(data: bytes) -> object:
+        def sink(data: bytes) -> None:
             if conn.close_code is not None:
-                return True  # closing: nothing more is read
+                return  # closing: nothing more is read
             bytes_in.inc(len(data))
             now = clock()
             conn.last_received = now
             if not conn.bucket.take(now):
                 conn.close(closecodes.TRY_AGAIN_LATER, "rate limit exceeded")
-                return True
+                return
             try:
                 message = decode(data, limits)
-                if not conn.reader_busy and room.handle_now(conn, message):
-                    return True
+                if backlog:
+                    backlog.append(message)  # behind what already waits
+                    fast.pause()
+                    return
+                if room.handle_now(conn, message):
+                    return
             except ProtocolError as exc:
                 conn.close(exc.code, exc.reason)
-                return True
+                return
             except Exception:  # noqa: BLE001 - a bug must end this socket, not the server's loop
                 log.exception("message handling failed", room=room.name, conn=conn.id)
                 conn.close(closecodes.INTERNAL_ERROR, "internal error")
-                return True
-            return {"type": "websocket.receive", "bytes": data, wsfast.SCOPE_KEY: message}
+                return
+            backlog.append(message)
+            fast.pause()
+            fast.wake_reader()
 
         return sink
 
-    async def _read_loop(self, receive, conn: Connection, room) -> None:
+    async def _drain(self, conn: Connection, room, fast: wsfast.FastWebSocketProtocol,
+                     backlog: deque[Message]) -> None:
+        """Handle the backlog in order — awaiting only what must be awaited — then read again."""
+        while backlog:
+            message = backlog[0]
+            if not room.handle_now(conn, message):
+                await room.handle(conn, message)
+            backlog.popleft()
+        fast.resume()
+
+    async def _read_loop(self, receive, conn: Connection, room, fast: wsfast.FastWebSocketProtocol | None = None,
+                         backlog: deque[Message] | None = None) -> None:
         limits = self.limits
         metrics = self.hub.metrics
         clock = self.hub.clock
@@ -187,23 +207,22 @@ class WebsocketEndpoint:
                 if kind == "websocket.disconnect":
                     conn.peer_closed = True
                     return
-                message = event.get(wsfast.SCOPE_KEY)
-                if message is None:  # not seen by the fast path's sink: charge and decode here
-                    data = event.get("bytes")
-                    if data is None:
-                        raise ProtocolError("text frames are not part of this protocol")
-                    metrics.bytes_in.inc(len(data))
-                    now = clock()
-                    conn.last_received = now
-                    if not conn.bucket.take(now):
-                        conn.close(closecodes.TRY_AGAIN_LATER, "rate limit exceeded")
-                        return
-                    message = protocol.decode(data, limits)
-                conn.reader_busy = True
-                try:
-                    await room.handle(conn, message)
-                finally:
-                    conn.reader_busy = False
+                if kind == wsfast.BACKLOG_EVENT:
+                    assert fast is not None and backlog is not None
+                    await self._drain(conn, room, fast, backlog)
+                    continue
+                # Not seen by the fast path's sink (another protocol, a text frame, a message
+                # read before the sink was attached): charge and decode here.
+                data = event.get("bytes")
+                if data is None:
+                    raise ProtocolError("text frames are not part of this protocol")
+                metrics.bytes_in.inc(len(data))
+                now = clock()
+                conn.last_received = now
+                if not conn.bucket.take(now):
+                    conn.close(closecodes.TRY_AGAIN_LATER, "rate limit exceeded")
+                    return
+                await room.handle(conn, protocol.decode(data, limits))
         except ProtocolError as exc:
             conn.close(exc.code, exc.reason)
         except (WebSocketDisconnect, OSError, RuntimeError):

@@ -7,11 +7,11 @@ most of the CPU per update. ``FastWebSocketProtocol`` is uvicorn's sans-I/O prot
 doors added for the room endpoint, which finds it in the ASGI scope after the handshake:
 
 * ``attach(sink)``: each complete binary message goes to ``sink(data)`` inside
-  ``data_received``, synchronously. The sink returns True when it dealt with the message, or
-  a replacement ASGI event to queue for the app's reader (a message that needs awaiting: a
-  service call, an update past its connection's in-flight bound). Once anything is queued,
-  every later message is queued behind it (order is kept), and reading pauses until the app
-  has drained the queue — so the queue holds at most what one read delivered.
+  ``data_received``, synchronously. What the sink cannot finish without awaiting (a service
+  call, an update past its connection's in-flight bound) it keeps in a backlog of its own,
+  calls ``pause()`` (no more reads: TCP backpressure) and ``wake_reader()``; the app's reader
+  task drains the backlog — later messages join it, so order is kept — and calls ``resume()``.
+  The backlog holds at most what the reads before the pause delivered.
 * ``write_frames(frames)``: server→client binary frames (never masked, never compressed:
   per-message deflate is off for our sockets) written with one ``transport.write``. While the
   transport is over its high-water mark (``writable`` false) the caller keeps its frames and
@@ -30,6 +30,7 @@ from typing import Any
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 SCOPE_KEY = "collab.fast_socket"
+BACKLOG_EVENT = "collab.backlog"
 
 Sink = Callable[[bytes], Any]
 
@@ -65,19 +66,27 @@ class FastWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def send_receive_event_to_app(self) -> None:
         sink = self.sink
-        if sink is None or self.close_sent or self.curr_msg_data_type != "bytes" or not self.queue.empty():
+        if sink is None or self.close_sent or self.curr_msg_data_type != "bytes":
             super().send_receive_event_to_app()
             return
         frames = self.frames
-        data = frames[0] if len(frames) == 1 else b"".join(frames)
         self.frames = []
-        handled = sink(data)
-        if handled is True:
-            return
-        self.queue.put_nowait(handled)
+        sink(frames[0] if len(frames) == 1 else b"".join(frames))
+
+    def pause(self) -> None:
+        """Stop reading from the socket (TCP backpressure) until ``resume``."""
         if not self.read_paused:
             self.read_paused = True
             self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.read_paused and not self.disconnected:
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    def wake_reader(self) -> None:
+        """Queue a ``collab.backlog`` event: the app's reader has messages to await."""
+        self.queue.put_nowait({"type": BACKLOG_EVENT})  # type: ignore[typeddict-item]
 
     # -- outgoing --------------------------------------------------------------------------
 
