@@ -100,7 +100,7 @@ class Settings:
     signaling_outbox_frames: int = field(default=1024, metadata={"help": "frames queued to a slow signaling reader before 1013"})
     signaling_outbox_bytes: int = field(default=4 * 1024 * 1024, metadata={"help": "bytes queued to a slow signaling reader before 1013"})
 
-    ws_impl: str = field(default="websockets-sansio", metadata={"help": "uvicorn websocket implementation"})
+    ws_impl: str = field(default="websockets-sansio", metadata={"help": "uvicorn websocket implementation; websockets-sansio gets the room fast path (collab/wsfast.py)"})
 
     @property
     def dev_mode(self) -> bool:

@@ -118,7 +118,7 @@ class WebsocketEndpoint:
             # Our own protocol: messages are handled inside data_received and frames written
             # from the loop; this task only sees what needs awaiting, and the disconnect.
             conn.attach_socket(fast)
-            fast.attach(self._sink(conn, room, fast, backlog), conn.flush)
+            fast.attach(self._sink(conn, room, fast, backlog), conn.flush, room.doc.transaction)
         else:
             async def send_frame(frame: bytes) -> None:
                 await send({"type": "websocket.send", "bytes": frame})

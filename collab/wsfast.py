@@ -25,6 +25,7 @@ theirs mid-frame because every write is a whole frame.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -47,6 +48,7 @@ def frame_header(length: int) -> bytes:
 class FastWebSocketProtocol(WebSocketsSansIOProtocol):
     sink: Sink | None = None
     on_writable: Callable[[], None] | None = None
+    batch: Callable[[], AbstractContextManager[Any]] | None = None
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
@@ -56,13 +58,26 @@ class FastWebSocketProtocol(WebSocketsSansIOProtocol):
 
     # -- incoming --------------------------------------------------------------------------
 
-    def attach(self, sink: Sink, on_writable: Callable[[], None]) -> None:
+    def attach(self, sink: Sink, on_writable: Callable[[], None],
+               batch: Callable[[], AbstractContextManager[Any]] | None = None) -> None:
+        """``batch``: a context entered around each read's worth of messages (the room passes
+        its document's transaction: a burst of updates is applied in one, not one each)."""
         self.sink = sink
         self.on_writable = on_writable
+        self.batch = batch
 
     def detach(self) -> None:
         self.sink = None
         self.on_writable = None
+        self.batch = None
+
+    def data_received(self, data: bytes) -> None:
+        batch = self.batch
+        if batch is None:
+            super().data_received(data)
+        else:
+            with batch():
+                super().data_received(data)
 
     def send_receive_event_to_app(self) -> None:
         sink = self.sink
@@ -110,6 +125,7 @@ class FastWebSocketProtocol(WebSocketsSansIOProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.sink = None
         self.on_writable = None
+        self.batch = None
         super().connection_lost(exc)
 
 

@@ -116,6 +116,7 @@ class RoomPresence:
                  settings: PresenceSettings | None = None, room: str = "") -> None:
         self.awareness = RoomAwareness()
         self.sessions: dict[Member, Session] = {}
+        self._by_user: dict[str, list[Session]] = {}  # touch_user runs once per update: no scan
         self._broadcast = broadcast
         self._publish = publish
         self._clock = clock
@@ -152,12 +153,26 @@ class RoomPresence:
         now = self._clock()
         s = self.settings
         hidden = s.viewers_hidden(self.room) and not member.identity.can_edit
-        self.sessions[member] = Session(member, getattr(member, "connected_at", now), now,
-                                        TokenBucket(s.rate, s.burst, now), hidden)
+        session = Session(member, getattr(member, "connected_at", now), now, TokenBucket(s.rate, s.burst, now), hidden)
+        old = self.sessions.get(member)
+        if old is not None:
+            self._unindex(old)
+        self.sessions[member] = session
+        self._by_user.setdefault(member.identity.user_id, []).append(session)
         self._send_snapshot(member)
 
+    def _unindex(self, session: Session) -> None:
+        user = session.member.identity.user_id
+        same = self._by_user.get(user)
+        if same is not None:
+            same[:] = [other for other in same if other is not session]
+            if not same:
+                del self._by_user[user]
+
     def on_leave(self, member: Member) -> None:
-        self.sessions.pop(member, None)
+        session = self.sessions.pop(member, None)
+        if session is not None:
+            self._unindex(session)
         for cid in [cid for cid, (owner, _) in self._deferred.items() if owner is member]:
             del self._deferred[cid]
         removed = self.awareness.remove_owner(member, self._clock())
@@ -243,9 +258,10 @@ class RoomPresence:
 
     def touch_user(self, user_id: str) -> None:
         """A document change by ``user_id`` in this room: their sessions here are active."""
-        now = self._clock()
-        for session in self.sessions.values():
-            if session.member.identity.user_id == user_id:
+        sessions = self._by_user.get(user_id)
+        if sessions:
+            now = self._clock()
+            for session in sessions:
                 self._activity(session, now)
 
     def idle_changes(self, idle_seconds: float) -> list[Session]:
