@@ -614,14 +614,16 @@ async def test_append_many_is_durable_in_order_with_authors(store):
     text = doc.get("text", type=pycrdt.Text)
     updates: list[bytes] = []
     doc.observe(lambda event: updates.append(bytes(event.update)))
-    for i in range(30):
+    for i in range(300):  # more than one multi-row INSERT's worth (SQLite writes 64 rows per statement)
         text.insert(len(str(text)), str(i % 10))
     pairs = [(u, f"user-{i % 3}") for i, u in enumerate(updates)]
     first, rest = await asyncio.gather(store.append_many("many", pairs[:10]), store.append_many("many", pairs[10:]))
     ids = first + rest
-    assert ids == sorted(ids) and len(set(ids)) == 30
+    assert ids == sorted(ids) and len(set(ids)) == 300
     rows = await store.history("many")
     assert [r.author for r in rows] == [a for _, a in pairs]
+    assert [r.id for r in rows] == ids
+    assert [r.data for r in rows] == [u for u, _ in pairs]
     state = await store.load("many")
     fresh = pycrdt.Doc()
     for u in state.updates:
