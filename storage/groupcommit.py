@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Literal
 
-from .base import Store, StoreClosed, StoreError, check_append_args
+from .base import MAX_UPDATE_BYTES, Store, StoreClosed, StoreError, check_append_args
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +146,12 @@ class GroupCommitStore(Store):
         """Queue several updates of one room at once; same guarantees as ``append`` for each, and
         their ids are in list order. One future per update but no task: cheap on the hot path."""
         stamp = time.time() if ts is None else float(ts)
+        checked: set[str | None] = set()
         for update, author in updates:
+            if author in checked and type(update) is bytes and 0 < len(update) <= MAX_UPDATE_BYTES:
+                continue  # same room and author as an update already checked: only the bytes differ
             check_append_args(room, update, author)
+            checked.add(author)
         self._check_open()
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[int]] = []
