@@ -72,6 +72,12 @@ class UserView:
                 "last_active": round(self.last_active, 3)}
 
 
+def _same_but_times(a: SessionRecord, b: SessionRecord) -> bool:
+    """Equal but for the clock-derived connected_at / last_active."""
+    return (a.sid == b.sid and a.node == b.node and a.room == b.room and a.user == b.user and a.name == b.name
+            and a.role == b.role and a.color == b.color and a.idle == b.idle and a.hidden == b.hidden)
+
+
 def summarize(records: Iterable[SessionRecord]) -> dict[tuple[str, str], UserView]:
     grouped: dict[tuple[str, str], list[SessionRecord]] = {}
     for rec in records:
@@ -167,7 +173,18 @@ class Registry:
         records = [r for r in records if r.node == node]
         keep = {r.sid for r in records}
         stale = [sid for sid in self.by_node.get(node, ()) if sid not in keep]
-        changed = [r for r in records if self.sessions.get(r.sid) != r]
+        changed = []
+        sessions = self.sessions
+        for r in records:
+            old = sessions.get(r.sid)
+            if old == r:
+                continue
+            if old is not None and _same_but_times(old, r):
+                # Only the clock-derived times moved (the wall clock is recomputed from the
+                # monotonic one each time): nothing joined, left or went idle, nothing to diff.
+                sessions[r.sid] = r
+                continue
+            changed.append(r)
         if not stale and not changed:
             return []
         return self._change(changed, stale)

@@ -134,12 +134,37 @@ class PresenceService(Service):
         while True:
             await asyncio.sleep(period)
             try:
-                self.tick()
+                self.tick(snapshot=False)
+                await self._snapshot_in_steps()
             except Exception:
                 log.exception("presence tick failed")
 
-    def tick(self) -> None:
-        """Idle flags, periodic re-announcement, silent nodes. Driven by the clock only."""
+    async def _snapshot_in_steps(self, step: int = 200) -> None:
+        """The periodic re-announcement, built ``step`` sessions per loop iteration: with
+        thousands of sessions, building it in one go stalls every room for tens of ms."""
+        hub = self.hub
+        if hub is None or hub.clock() - self._last_snap < self.cfg.sync_seconds:
+            return
+        self._last_snap = hub.clock()
+        offset = time.time() - hub.clock()
+        built: list[tuple[RoomPresence, Any, Session, SessionRecord]] = []
+        for room in list(hub.rooms.values()):
+            presence = room.presence
+            for member, session in list(presence.sessions.items()):
+                built.append((presence, member, session, self._record(room.name, presence, session, offset)))
+                if len(built) % step == 0:
+                    await asyncio.sleep(0)
+        # Sessions that left (or were replaced) while we yielded are not announced.
+        self._announce([record for presence, member, session, record in built
+                        if presence.sessions.get(member) is session])
+
+    def _announce(self, records: list[SessionRecord]) -> None:
+        self._emit(self.registry.replace_node(self.node, records))
+        self._send({"op": "snap", "s": [r.to_wire() for r in records]})
+
+    def tick(self, *, snapshot: bool = True) -> None:
+        """Idle flags, periodic re-announcement (unless ``snapshot`` is False: the loop builds
+        it in steps), silent nodes. Driven by the clock only."""
         hub = self.hub
         if hub is None:
             return
@@ -151,11 +176,9 @@ class PresenceService(Service):
                 flipped.append(self._record(room.name, presence, session))
         if flipped:
             self._local_change(flipped, ())
-        if now - self._last_snap >= self.cfg.sync_seconds:
+        if snapshot and now - self._last_snap >= self.cfg.sync_seconds:
             self._last_snap = now
-            records = self._local_records()
-            self._emit(self.registry.replace_node(self.node, records))
-            self._send({"op": "snap", "s": [r.to_wire() for r in records]})
+            self._announce(self._local_records())
         for node in self.registry.silent_nodes(now, 3 * self.cfg.sync_seconds, self.node):
             log.info("presence: peer silent; dropping its sessions", peer=node)
             self._emit(self.registry.drop_node(node))
@@ -187,22 +210,24 @@ class PresenceService(Service):
     def _sid(self, conn: Any) -> str:
         return f"{self.node}/{conn.id}"
 
-    def _wall(self, t: float) -> float:
-        assert self.hub is not None
-        return time.time() - (self.hub.clock() - t)
-
-    def _record(self, room: str, presence: RoomPresence, session: Session) -> SessionRecord:
+    def _record(self, room: str, presence: RoomPresence, session: Session,
+                offset: float | None = None) -> SessionRecord:
+        """``offset``: wall minus hub clock, computed once for a batch of records."""
+        if offset is None:
+            assert self.hub is not None
+            offset = time.time() - self.hub.clock()
         member = session.member
         ident = member.identity
         return SessionRecord(
             sid=self._sid(member), node=self.node, room=room, user=ident.user_id, name=ident.name, role=ident.role,
             color=session.color or color_for(ident.user_id),
-            connected_at=self._wall(session.connected_at), last_active=self._wall(session.last_active),
+            connected_at=session.connected_at + offset, last_active=session.last_active + offset,
             idle=session.idle, hidden=session.hidden)
 
     def _local_records(self) -> list[SessionRecord]:
         assert self.hub is not None
-        return [self._record(room.name, room.presence, session)
+        offset = time.time() - self.hub.clock()
+        return [self._record(room.name, room.presence, session, offset)
                 for room in list(self.hub.rooms.values()) for session in room.presence.sessions.values()]
 
     def _local_change(self, upserts: Any, removals: Any) -> None:
