@@ -37,13 +37,27 @@ DEFAULT_MAX_PENDING = 10_000
 DEFAULT_MAX_PENDING_BYTES = 64 * 1024 * 1024
 
 
+class _Group:
+    """One ``append_many`` call: a single future for all its updates, resolved with their ids
+    once the last of them is committed (a batch of hundreds costs one future, not hundreds)."""
+
+    __slots__ = ("future", "ids", "left")
+
+    def __init__(self, future: asyncio.Future[list[int]], size: int) -> None:
+        self.future = future
+        self.ids = [0] * size
+        self.left = size
+
+
 @dataclass(slots=True)
 class Pending:
     room: str
     data: bytes
     author: str | None
     ts: float
-    future: asyncio.Future[int]
+    future: asyncio.Future[int] | None  # an ``append``'s own; None for an ``append_many``'s
+    group: _Group | None = None
+    index: int = 0
 
 
 class GroupCommitStore(Store):
@@ -153,27 +167,18 @@ class GroupCommitStore(Store):
             check_append_args(room, update, author)
             checked.add(author)
         self._check_open()
-        loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[int]] = []
-        for update, author in updates:
+        group = _Group(asyncio.get_running_loop().create_future(), len(updates))
+        if not updates:
+            return []
+        for index, (update, author) in enumerate(updates):
             while not self._has_room_for(len(update)):
                 await self._progress.wait()
                 self._check_open()
-            future: asyncio.Future[int] = loop.create_future()
-            self._pending.append(Pending(room, update, author, stamp, future))
+            self._pending.append(Pending(room, update, author, stamp, None, group, index))
             self._enqueued += 1
             self._outstanding_bytes += len(update)
-            futures.append(future)
             self._wakeup.set()
-        # Resolved in queue order: after the first one, the rest are usually done already.
-        try:
-            return [await future for future in futures]
-        except BaseException:
-            # The first failure is raised; the rest (the same batch's, or later ones) are consumed
-            # so asyncio does not log each as "Future exception was never retrieved".
-            for future in futures:
-                future.add_done_callback(_consume)
-            raise
+        return await group.future
 
     async def flush(self) -> None:
         target = self._enqueued
@@ -242,25 +247,28 @@ class GroupCommitStore(Store):
         self.commits += 1
         self.appended += len(batch)
         for pending, update_id in zip(batch, ids):
-            if not pending.future.done():  # its appender may have been cancelled
-                pending.future.set_result(update_id)
+            group = pending.group
+            if group is None:
+                if not pending.future.done():  # its appender may have been cancelled
+                    pending.future.set_result(update_id)
+                continue
+            group.ids[pending.index] = update_id
+            group.left -= 1
+            if group.left == 0 and not group.future.done():
+                group.future.set_result(group.ids)
         self._resolved_batch(batch)
 
     def _fail(self, batch: list[Pending], error: Callable[[], StoreError]) -> None:
         for pending in batch:
-            if not pending.future.done():
-                pending.future.set_exception(error())  # one instance each: tracebacks differ
+            future = pending.future if pending.group is None else pending.group.future
+            if not future.done():
+                future.set_exception(error())  # one instance each: tracebacks differ
         self._resolved_batch(batch)
 
     def _resolved_batch(self, batch: list[Pending]) -> None:
         self._outstanding_bytes -= sum(len(p.data) for p in batch)
         self._resolved += len(batch)
         self._pulse()
-
-
-def _consume(future: asyncio.Future[int]) -> None:
-    if not future.cancelled():
-        future.exception()
 
 
 def chained(error: StoreError, cause: BaseException) -> StoreError:
