@@ -31,7 +31,6 @@ import pycrdt
 
 from collab import closecodes, protocol
 from collab.protocol import (
-    AuthMessage,
     AwarenessUpdate,
     ExtensionMessage,
     Message,
