@@ -128,9 +128,8 @@ class Connection:
         if self.push(frame):
             if self._socket is None:
                 self._wake_writer()
-            elif not self._flush_scheduled:
-                self._flush_scheduled = True
-                asyncio.get_running_loop().call_soon(self.flush)
+            else:
+                self._schedule_flush()
 
     def push(self, frame: bytes) -> bool:
         """Queue ``frame`` without arranging for it to be written: the caller calls ``flush``
@@ -147,7 +146,11 @@ class Connection:
     def attach_socket(self, socket: FastSocket | None) -> None:
         """Write straight to ``socket`` from now on (None: back to the writer task)."""
         self._socket = socket
-        if socket is not None and self._outbox and not self._flush_scheduled:
+        if socket is not None and self._outbox:
+            self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
 
@@ -155,16 +158,14 @@ class Connection:
         """Write every queued frame in one go, if the socket can take them now."""
         self._flush_scheduled = False
         socket = self._socket
-        outbox = self._outbox
-        if not outbox or self.close_code is not None:
+        if not self._outbox or self.close_code is not None:
             return
         if socket is None:
             self._wake_writer()  # the writer task's job
             return
         if not socket.writable_now:
             return  # the socket's resume_writing calls us again
-        frames = list(outbox)
-        outbox.clear()
+        frames, self._outbox = self._outbox, []
         sent, self._outbox_bytes = self._outbox_bytes, 0
         socket.write_frames(frames)
         self.last_sent = self.clock()

@@ -170,11 +170,7 @@ class Room:
                 return True
             if not conn.inflight.try_acquire():
                 return False
-            try:
-                self.commit(Origin.CLIENT, message.update, source=conn, author=conn.identity.user_id)
-            except BaseException:
-                conn.inflight.release()
-                raise
+            self._commit_from(conn, message.update)
         elif isinstance(message, SyncStep1):
             self.reply_after_durable(conn, protocol.encode_sync_step2(self.doc.get_update(message.state_vector)))
         elif isinstance(message, AwarenessUpdate):
@@ -191,17 +187,24 @@ class Room:
         return True
 
     async def handle(self, conn: Connection, message: Message) -> None:
-        if self.handle_now(conn, message):
-            return
+        if not self.handle_now(conn, message):
+            await self.handle_later(conn, message)
+
+    async def handle_later(self, conn: Connection, message: Message) -> None:
+        """What ``handle_now`` refused: wait for an in-flight slot, or for the service."""
         if isinstance(message, SyncUpdate | SyncStep2):
             await conn.inflight.acquire()
-            try:
-                self.commit(Origin.CLIENT, message.update, source=conn, author=conn.identity.user_id)
-            except BaseException:
-                conn.inflight.release()
-                raise
+            self._commit_from(conn, message.update)
         elif isinstance(message, ExtensionMessage):
             await self._by_type[message.type].handle(self, conn, message)
+
+    def _commit_from(self, conn: Connection, update: bytes) -> None:
+        """A member's update, its in-flight slot already taken (given back if refused)."""
+        try:
+            self.commit(Origin.CLIENT, update, source=conn, author=conn.identity.user_id)
+        except BaseException:
+            conn.inflight.release()
+            raise
 
     def _broadcast(self, frame: bytes, exclude: Connection | None) -> None:
         for member in self.members:

@@ -144,32 +144,31 @@ class WebsocketEndpoint:
             await self._close(ws, conn)
             bind.info("disconnected", code=conn.close_code, reason=conn.close_reason)
 
+    def _admit(self, conn: Connection, data: bytes) -> bool:
+        """Count a received message against the connection's rate limit (closing it, 1013, when
+        over): False if it must not be handled."""
+        self.hub.metrics.bytes_in.inc(len(data))
+        now = self.hub.clock()
+        conn.last_received = now
+        if conn.bucket.take(now):
+            return True
+        conn.close(closecodes.TRY_AGAIN_LATER, "rate limit exceeded")
+        return False
+
     def _sink(self, conn: Connection, room, fast: wsfast.FastWebSocketProtocol,
               backlog: list[Message]) -> Callable[[bytes], None]:
         """The synchronous handler ``FastWebSocketProtocol`` calls with each binary message.
 
         Handled on the spot when possible; otherwise — or while earlier messages wait — it goes
         to ``backlog``, reading pauses, and the reader task (``_drain``) takes over."""
-        limits, clock = self.limits, self.hub.clock
-        bytes_in = self.hub.metrics.bytes_in
-        decode = protocol.decode
+        limits, admit = self.limits, self._admit
 
         def sink(data: bytes) -> None:
-            if conn.close_code is not None:
+            if conn.close_code is not None or not admit(conn, data):
                 return  # closing: nothing more is read
-            bytes_in.inc(len(data))
-            now = clock()
-            conn.last_received = now
-            if not conn.bucket.take(now):
-                conn.close(closecodes.TRY_AGAIN_LATER, "rate limit exceeded")
-                return
             try:
-                message = decode(data, limits)
-                if backlog:
-                    backlog.append(message)  # behind what already waits
-                    fast.pause()
-                    return
-                if room.handle_now(conn, message):
+                message = protocol.decode(data, limits)
+                if not backlog and room.handle_now(conn, message):
                     return
             except ProtocolError as exc:
                 conn.close(exc.code, exc.reason)
@@ -178,30 +177,28 @@ class WebsocketEndpoint:
                 log.exception("message handling failed", room=room.name, conn=conn.id)
                 conn.close(closecodes.INTERNAL_ERROR, "internal error")
                 return
-            backlog.append(message)
+            if not backlog:
+                fast.wake_reader()
+            backlog.append(message)  # behind whatever already waits
             fast.pause()
-            fast.wake_reader()
 
         return sink
 
-    async def _drain(self, conn: Connection, room, fast: wsfast.FastWebSocketProtocol,
+    async def _drain(self, fast: wsfast.FastWebSocketProtocol, conn: Connection, room,
                      backlog: list[Message]) -> None:
         """Handle the backlog in order — awaiting only what must be awaited — then read again.
         The sink appends behind us meanwhile (the list stays non-empty until we are done)."""
         i = 0
         while i < len(backlog):
             message = backlog[i]
-            if not room.handle_now(conn, message):
-                await room.handle(conn, message)
+            if not room.handle_now(conn, message):  # no coroutine for what needs no waiting
+                await room.handle_later(conn, message)
             i += 1
         backlog.clear()
         fast.resume()
 
     async def _read_loop(self, receive, conn: Connection, room, fast: wsfast.FastWebSocketProtocol | None = None,
                          backlog: list[Message] | None = None) -> None:
-        limits = self.limits
-        metrics = self.hub.metrics
-        clock = self.hub.clock
         try:
             while True:
                 event = await receive()
@@ -211,20 +208,16 @@ class WebsocketEndpoint:
                     return
                 if kind == wsfast.BACKLOG_EVENT:
                     assert fast is not None and backlog is not None
-                    await self._drain(conn, room, fast, backlog)
+                    await self._drain(fast, conn, room, backlog)
                     continue
                 # Not seen by the fast path's sink (another protocol, a text frame, a message
                 # read before the sink was attached): charge and decode here.
                 data = event.get("bytes")
                 if data is None:
                     raise ProtocolError("text frames are not part of this protocol")
-                metrics.bytes_in.inc(len(data))
-                now = clock()
-                conn.last_received = now
-                if not conn.bucket.take(now):
-                    conn.close(closecodes.TRY_AGAIN_LATER, "rate limit exceeded")
+                if not self._admit(conn, data):
                     return
-                await room.handle(conn, protocol.decode(data, limits))
+                await room.handle(conn, protocol.decode(data, self.limits))
         except ProtocolError as exc:
             conn.close(exc.code, exc.reason)
         except (WebSocketDisconnect, OSError, RuntimeError):

@@ -123,9 +123,7 @@ class FastWebSocketProtocol(WebSocketsSansIOProtocol):
             callback()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.sink = None
-        self.on_writable = None
-        self.batch = None
+        self.detach()
         super().connection_lost(exc)
 
 

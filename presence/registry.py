@@ -19,9 +19,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from presence.stamp import color_for
+
+K = TypeVar("K")
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,12 +157,8 @@ class Registry:
         return self._diff(keys, before)
 
     def _unindex(self, rec: SessionRecord) -> None:
-        for index, key in ((self.by_node, rec.node), (self.by_key, (rec.room, rec.user))):
-            sids = index.get(key)  # type: ignore[attr-defined]
-            if sids is not None:
-                sids.discard(rec.sid)
-                if not sids:
-                    del index[key]  # type: ignore[attr-defined]
+        _discard(self.by_node, rec.node, rec.sid)
+        _discard(self.by_key, (rec.room, rec.user), rec.sid)
 
     def upsert(self, records: Iterable[SessionRecord]) -> list[Event]:
         return self._change(records, ())
@@ -205,3 +203,12 @@ class Registry:
 
     def in_room(self, room: str) -> list[SessionRecord]:
         return [r for r in self.sessions.values() if r.room == room]
+
+
+def _discard(index: dict[K, set[str]], key: K, sid: str) -> None:
+    """Remove ``sid`` from ``index[key]``, and the key once its set is empty."""
+    sids = index.get(key)
+    if sids is not None:
+        sids.discard(sid)
+        if not sids:
+            del index[key]

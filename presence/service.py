@@ -143,9 +143,8 @@ class PresenceService(Service):
         """The periodic re-announcement, built ``step`` sessions per loop iteration: with
         thousands of sessions, building it in one go stalls every room for tens of ms."""
         hub = self.hub
-        if hub is None or hub.clock() - self._last_snap < self.cfg.sync_seconds:
+        if hub is None or not self._snapshot_due(hub.clock()):
             return
-        self._last_snap = hub.clock()
         offset = time.time() - hub.clock()
         built: list[tuple[RoomPresence, Any, Session, SessionRecord]] = []
         for room in list(hub.rooms.values()):
@@ -157,6 +156,13 @@ class PresenceService(Service):
         # Sessions that left (or were replaced) while we yielded are not announced.
         self._announce([record for presence, member, session, record in built
                         if presence.sessions.get(member) is session])
+
+    def _snapshot_due(self, now: float) -> bool:
+        """True (and the next one scheduled) if a re-announcement is due at ``now``."""
+        if now - self._last_snap < self.cfg.sync_seconds:
+            return False
+        self._last_snap = now
+        return True
 
     def _announce(self, records: list[SessionRecord]) -> None:
         self._emit(self.registry.replace_node(self.node, records))
@@ -176,8 +182,7 @@ class PresenceService(Service):
                 flipped.append(self._record(room.name, presence, session))
         if flipped:
             self._local_change(flipped, ())
-        if snapshot and now - self._last_snap >= self.cfg.sync_seconds:
-            self._last_snap = now
+        if snapshot and self._snapshot_due(now):
             self._announce(self._local_records())
         for node in self.registry.silent_nodes(now, 3 * self.cfg.sync_seconds, self.node):
             log.info("presence: peer silent; dropping its sessions", peer=node)

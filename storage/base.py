@@ -268,12 +268,20 @@ class Store(abc.ABC):
 def check_append_args(room: str, update: bytes, author: str | None = None) -> None:
     """The argument checks every backend applies to ``append``."""
     check_room(room)
+    check_update(update)
+    check_author(author)
+
+
+def check_update(update: bytes) -> None:
     if not isinstance(update, bytes):
         raise TypeError(f"update must be bytes, not {type(update).__name__}")
     if not update:
         raise ValueError("empty update")
     if len(update) > MAX_UPDATE_BYTES:
         raise ValueError(f"update of {len(update)} bytes exceeds {MAX_UPDATE_BYTES}")
+
+
+def check_author(author: str | None) -> None:
     if author is not None:
         _check_text("author", author, MAX_AUTHOR_BYTES)
 

@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Literal
 
-from .base import MAX_UPDATE_BYTES, Store, StoreClosed, StoreError, check_append_args
+from .base import Store, StoreClosed, StoreError, check_append_args, check_author, check_room, check_update
 
 log = logging.getLogger(__name__)
 
@@ -158,18 +158,20 @@ class GroupCommitStore(Store):
         self, room: str, updates: list[tuple[bytes, str | None]], *, ts: float | None = None
     ) -> list[int]:
         """Queue several updates of one room at once; same guarantees as ``append`` for each, and
-        their ids are in list order. One future per update but no task: cheap on the hot path."""
+        their ids are in list order. One future for the whole call and no task: cheap on the hot
+        path. The room is checked once, an author once per run of the same one."""
         stamp = time.time() if ts is None else float(ts)
-        checked: set[str | None] = set()
+        check_room(room)
+        checked: object = object()
         for update, author in updates:
-            if author in checked and type(update) is bytes and 0 < len(update) <= MAX_UPDATE_BYTES:
-                continue  # same room and author as an update already checked: only the bytes differ
-            check_append_args(room, update, author)
-            checked.add(author)
+            check_update(update)
+            if author is not checked:
+                check_author(author)
+                checked = author
         self._check_open()
-        group = _Group(asyncio.get_running_loop().create_future(), len(updates))
         if not updates:
             return []
+        group = _Group(asyncio.get_running_loop().create_future(), len(updates))
         for index, (update, author) in enumerate(updates):
             while not self._has_room_for(len(update)):
                 await self._progress.wait()

@@ -9,7 +9,7 @@ Theory of operation
   Every write transaction is ``BEGIN IMMEDIATE``: it takes the write lock up front, so it waits on
   the busy handler instead of failing half-way when another process wrote first.
 * Group commit (``groupcommit.GroupCommitStore``): the flusher writes every queued append (up to
-  MAX_BATCH_*) with one ``executemany`` in one ``BEGIN IMMEDIATE`` transaction.
+  MAX_BATCH_*) in one ``BEGIN IMMEDIATE`` transaction, as multi-row INSERTs of up to 64 rows.
 * Thread hops: every aiosqlite await is a trip to the connection's thread and back (an event-loop
   wakeup). The hot transactions -- the flusher's batch, compaction's read and write, ``put_meta``,
   ``load`` -- are therefore each ONE plain function run on the connection's thread (``_in_thread``),
@@ -17,8 +17,8 @@ Theory of operation
   lock is held meanwhile, so nothing else runs on that connection in between.
 * Ids: ``INTEGER PRIMARY KEY AUTOINCREMENT`` never hands out an id again, even after pruning deleted
   the newest rows (``history_keep=0``), so a room's ids only grow and "tail = rows with id >
-  snapshot.upto_id" holds across restarts. With the write lock held, the rows of one ``executemany`` get consecutive ids that end at
-  ``last_insert_rowid()``.
+  snapshot.upto_id" holds across restarts. With the write lock held, the rows of one transaction get consecutive ids that end at
+  the last INSERT's ``lastrowid``.
 * Compaction is optimistic: read snapshot + tail (one read transaction), fold them outside any
   transaction in a worker thread, then in one write transaction replace the snapshot and prune the
   history (keep the newest ``history_keep`` rows with id <= the new upto_id) -- only if the
