@@ -51,7 +51,8 @@ def default_services(settings: Settings, store: Store) -> list[Service]:
 def create_app(settings: Settings, *, store: Store | None = None, network: LocalNetwork | None = None,
                clock: Callable[[], float] = time.monotonic, services: list[Service] | None = None) -> RoomsFirst:
     metrics = Metrics()
-    store = store or open_store(settings.store, synchronous=settings.sqlite_synchronous)
+    store = store or open_store(settings.store, synchronous=settings.sqlite_synchronous,
+                                 commit_interval=settings.commit_interval_ms / 1000)
     services = default_services(settings, store) if services is None else services
     hub = Hub(settings, store, metrics, make_bus(settings, metrics, network), clock=clock, services=services)
     started = time.time()

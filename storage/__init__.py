@@ -57,6 +57,7 @@ _SQLITE_URL_OPTIONS: dict[str, type] = {
     "max_pending": int,
     "max_pending_bytes": int,
     "history_keep": int,
+    "commit_interval": float,
 }
 # Options of ours a postgresql URL may carry; every other query parameter goes to asyncpg (sslmode,
 # or any server setting such as ?statement_timeout=...).
@@ -70,6 +71,7 @@ _POSTGRES_URL_OPTIONS: dict[str, type] = {
     "max_pending_bytes": int,
     "history_keep": int,
     "synchronous": str,
+    "commit_interval": float,
 }
 
 

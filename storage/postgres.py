@@ -89,7 +89,7 @@ from .chat import (
     to_row,
     toggle_reaction,
 )
-from .groupcommit import DEFAULT_MAX_PENDING, DEFAULT_MAX_PENDING_BYTES, GroupCommitStore, Pending
+from .groupcommit import DEFAULT_COMMIT_INTERVAL, DEFAULT_MAX_PENDING, DEFAULT_MAX_PENDING_BYTES, GroupCommitStore, Pending
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +254,7 @@ class PostgresStore(GroupCommitStore):
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
         history_keep: int = DEFAULT_HISTORY_KEEP,
         fold_cache_bytes: int = DEFAULT_FOLD_CACHE_BYTES,
+        commit_interval: float = DEFAULT_COMMIT_INTERVAL,
         synchronous: str = "FULL",
     ) -> None:
         if not dsn.startswith(("postgresql://", "postgres://")):
@@ -267,7 +268,7 @@ class PostgresStore(GroupCommitStore):
         mode = synchronous.upper()
         if mode not in ("FULL", "NORMAL"):
             raise ValueError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
-        super().__init__(max_pending=max_pending, max_pending_bytes=max_pending_bytes)
+        super().__init__(max_pending=max_pending, max_pending_bytes=max_pending_bytes, commit_interval=commit_interval)
         self.dsn = dsn
         self.schema = schema
         self.pool_size = pool_size

@@ -86,6 +86,7 @@ from .chat import (
     toggle_reaction,
 )
 from .groupcommit import (
+    DEFAULT_COMMIT_INTERVAL,
     DEFAULT_MAX_PENDING,
     DEFAULT_MAX_PENDING_BYTES,
     GroupCommitStore,
@@ -184,6 +185,7 @@ class SQLiteStore(GroupCommitStore):
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
         history_keep: int = DEFAULT_HISTORY_KEEP,
         fold_cache_bytes: int = DEFAULT_FOLD_CACHE_BYTES,
+        commit_interval: float = DEFAULT_COMMIT_INTERVAL,
     ) -> None:
         path = Path(path).expanduser()
         if str(path) in ("", ".") or str(path).startswith(":memory:"):
@@ -193,7 +195,7 @@ class SQLiteStore(GroupCommitStore):
             raise ValueError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
         if busy_timeout < 0:
             raise ValueError("busy_timeout must be >= 0")
-        super().__init__(max_pending=max_pending, max_pending_bytes=max_pending_bytes)
+        super().__init__(max_pending=max_pending, max_pending_bytes=max_pending_bytes, commit_interval=commit_interval)
         self.path = path
         self.synchronous: Synchronous = "FULL" if mode == "FULL" else "NORMAL"
         self.busy_timeout = busy_timeout

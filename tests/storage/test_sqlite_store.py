@@ -15,6 +15,7 @@ import pytest
 
 from storage import PostgresStore, SQLiteStore, StoreClosed, StoreError, open_store
 from storage.sqlite import MIGRATIONS, SCHEMA_VERSION
+from servers import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("store_worker.py")
@@ -383,3 +384,37 @@ async def test_a_failed_append_many_leaves_no_unretrieved_errors(opened, monkeyp
     # (checked before anything here looks at them).
     assert not any(getattr(f, "_log_traceback", False) for f in created)
     assert all(isinstance(f.exception(), StoreError) for f in created)
+
+
+async def test_commits_are_paced_under_load_but_a_lone_append_goes_at_once(opened) -> None:
+    # With a (deliberately long) 1 s commit interval: an append after a quiet spell is committed
+    # at once; the appends that follow it, spread over ~100 ms, share one commit after the
+    # interval instead of paying one each.
+    store = await opened(commit_interval=1.0)
+    await asyncio.wait_for(store.append("r", update_of("first")), 0.9)
+    assert store.commits == 1
+    later = []
+    for n in range(20):
+        later.append(asyncio.create_task(store.append("r", update_of(f"later {n}"))))
+        await asyncio.sleep(0.005)  # producers arriving one by one, as on a busy server
+    ids = await asyncio.gather(*later)
+    assert ids == sorted(ids) and len(set(ids)) == 20
+    assert store.commits == 2
+
+
+async def test_without_pacing_each_spread_out_append_commits_on_its_own(opened) -> None:
+    # The control for the test above: commit_interval=0 commits as soon as possible.
+    store = await opened(commit_interval=0)
+    await store.append("r", update_of("first"))
+    later = []
+    for n in range(20):
+        later.append(asyncio.create_task(store.append("r", update_of(f"later {n}"))))
+        await wait_until(lambda: later[-1].done(), what="the commit")
+    assert store.commits == 21
+
+
+def test_commit_interval_is_bounded(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        SQLiteStore(tmp_path / "x.db", commit_interval=-1)
+    with pytest.raises(ValueError):
+        SQLiteStore(tmp_path / "x.db", commit_interval=5)
