@@ -17,6 +17,15 @@ doors added for the room endpoint, which finds it in the ASGI scope after the ha
   transport is over its high-water mark (``writable`` false) the caller keeps its frames and
   ``on_writable`` is called when it drains.
 
+Frames in are cut by us (``_receive``) once the connection is open: a final, masked binary
+frame within the size limit — every message a Yjs client sends — is unmasked and given to the
+sink right here; any other *complete* frame (ping, pong, close, text, a fragment, anything
+malformed) is handed, exactly that frame's bytes, to the websockets library's parser, which
+therefore always stops at a frame boundary and keeps all of its checks and close codes. A
+frame over the size limit is handed over as it arrives (websockets closes with 1009), and from
+then on everything goes to websockets. Bytes of a frame not yet complete wait in our buffer,
+which a frame within the limit bounds.
+
 Everything else — handshake, ping/pong, close handshake, parser errors, the disconnect event —
 stays uvicorn's and the websockets library's; data frames written here never interleave with
 theirs mid-frame because every write is a whole frame.
@@ -29,6 +38,12 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.protocol import State
+
+try:
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover - the C extension is built for every platform we run on
+    from websockets.utils import apply_mask
 
 SCOPE_KEY = "collab.fast_socket"
 BACKLOG_EVENT = "collab.backlog"
@@ -49,6 +64,11 @@ class FastWebSocketProtocol(WebSocketsSansIOProtocol):
     sink: Sink | None = None
     on_writable: Callable[[], None] | None = None
     batch: Callable[[], AbstractContextManager[Any]] | None = None
+    # None until the connection is open; then True while we cut frames ourselves, False once
+    # everything goes to websockets' parser (it saw part of a frame, or a frame over the limit).
+    own_framing: bool | None = None
+    partial: bytearray | None = None  # the start of a frame not yet complete
+    need = 0  # how long ``partial`` must grow before it holds the whole frame (0: header unread)
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
@@ -72,12 +92,76 @@ class FastWebSocketProtocol(WebSocketsSansIOProtocol):
         self.batch = None
 
     def data_received(self, data: bytes) -> None:
+        if self.own_framing is None:
+            if self.conn.state is not State.OPEN:
+                super().data_received(data)  # the handshake
+                return
+            # Cut frames ourselves only if websockets holds nothing of one (a client that sent
+            # frames before the handshake's answer may have left it mid-frame).
+            self.own_framing = not self.conn.reader.buffer
+        if not self.own_framing:
+            super().data_received(data)
+            return
+        partial = self.partial
+        if partial is not None:
+            partial += data
+            if len(partial) < self.need:
+                return  # a frame arriving in pieces is copied once, when complete
+            data = bytes(partial)
+            self.partial = None
         batch = self.batch
         if batch is None:
-            super().data_received(data)
+            self._receive(data)
         else:
             with batch():
-                super().data_received(data)
+                self._receive(data)
+
+    def _receive(self, data: bytes) -> None:
+        """Cut ``data`` into frames: see the module's docstring."""
+        conn = self.conn
+        pos, end = 0, len(data)
+        need = 0
+        while pos < end:
+            if not self.own_framing or conn.state is not State.OPEN:
+                super().data_received(data[pos:])
+                return
+            if end - pos < 2:
+                break
+            first, second = data[pos], data[pos + 1]
+            length = second & 0x7F
+            head = 2
+            if length == 126:
+                if end - pos < 4:
+                    break
+                length = int.from_bytes(data[pos + 2:pos + 4], "big")
+                head = 4
+            elif length == 127:
+                if end - pos < 10:
+                    break
+                length = int.from_bytes(data[pos + 2:pos + 10], "big")
+                head = 10
+            limit = conn.max_message_size
+            if limit is not None and length > limit:
+                self.own_framing = False  # websockets refuses it (1009) as it arrives
+                continue
+            masked = second & 0x80
+            total = head + (4 if masked else 0) + length
+            if end - pos < total:
+                need = total
+                break
+            sink = self.sink
+            if (first == 0x82 and masked and sink is not None and not self.close_sent
+                    and conn.current_size is None):
+                payload = apply_mask(data[pos + head + 4:pos + total], data[pos + head:pos + head + 4])
+                pos += total
+                sink(payload)
+            else:
+                # One whole frame of any other kind: websockets parses it, checks included.
+                super().data_received(data[pos:pos + total])
+                pos += total
+        if pos < end:
+            self.partial = bytearray(data[pos:])
+            self.need = need
 
     def send_receive_event_to_app(self) -> None:
         sink = self.sink
