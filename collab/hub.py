@@ -9,7 +9,7 @@ Theory of operation
   real one — and the joiner is refused with 1013 so it retries.
 * A room unloads once it has had no members for ``room_grace_seconds`` and its writer is idle
   (everything durable). Memory follows active rooms.
-* Every long-lived task (room writers, compactions, the janitor) belongs to the hub's task group,
+* Every long-lived task (the room writer, compactions, the janitor) belongs to the hub's task group,
   which the app's lifespan owns. ``drain`` waits for every room to be durable before stopping.
 """
 
@@ -28,7 +28,7 @@ from collab.bus import Bus, BusMessage
 from collab.connection import Connection
 from collab.logs import get_logger
 from collab.metrics import Metrics
-from collab.room import EMPTY_UPDATE, Room
+from collab.room import EMPTY_UPDATE, Room, RoomWriter
 from collab.services import Service
 from collab.settings import Settings
 from storage import Store
@@ -59,7 +59,7 @@ class Hub:
         self.connections: set[Connection] = set()
         self._loading: dict[str, asyncio.Future[Room]] = {}
         self._early: dict[str, list[BusMessage]] = {}
-        self._room_tasks: dict[str, asyncio.Task[None]] = {}
+        self.writer = RoomWriter(self.store, self.metrics, self.log)
         self._tg: asyncio.TaskGroup | None = None
         self.accepting = True
         self._last_resync = clock()
@@ -86,7 +86,7 @@ class Hub:
         return self._tg is not None
 
     async def run(self, ready: asyncio.Event) -> None:
-        """Run until cancelled; the task group owns every room writer and the janitor."""
+        """Run until cancelled; the task group owns the room writer and the janitor."""
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             await self.bus.start()
@@ -94,6 +94,7 @@ class Hub:
             for service in self.services:
                 await service.start(self)
             tg.create_task(self._janitor())
+            tg.create_task(self.writer.run())
             ready.set()
             try:
                 await asyncio.Event().wait()
@@ -175,9 +176,8 @@ class Hub:
                     log=self.log, tail_updates=len(state.updates), tail_bytes=state.tail_bytes,
                     compact_after_updates=s.compact_after_updates, compact_after_bytes=s.compact_after_bytes,
                     max_client_ids=s.max_client_ids, on_poisoned=self._unload_poisoned, spawn=self.spawn,
-                    services=self.services)
+                    services=self.services, writer=self.writer)
         self.rooms[name] = room
-        self._room_tasks[name] = self.spawn(self._run_room(room), what="room writer")
         self.metrics.rooms_loaded.set(len(self.rooms))
         for message in self._early.pop(name, []):
             self._deliver_to(room, message)
@@ -186,23 +186,12 @@ class Hub:
         self.log.debug("room loaded", room=name, tail=len(state.updates), seconds=round(time.perf_counter() - started, 4))
         return room
 
-    async def _run_room(self, room: Room) -> None:
-        try:
-            await room.run()
-        except Exception:
-            self.log.exception("room writer failed; closing its members", room=room.name)
-            room.fail()
-            raise
-
     def _unload_poisoned(self, room: Room) -> None:
         self._forget(room)
 
     def _forget(self, room: Room) -> None:
         if self.rooms.get(room.name) is room:
             del self.rooms[room.name]
-        task = self._room_tasks.pop(room.name, None)
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
         self.metrics.rooms_loaded.set(len(self.rooms))
         self.spawn(self._after_unload(room), what="unload")
 

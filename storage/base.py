@@ -138,6 +138,14 @@ class Store(abc.ABC):
         when this returns. Backends with group commit override this to skip per-update tasks."""
         return list(await asyncio.gather(*(self.append(room, u, author=a, ts=ts) for u, a in updates)))
 
+    async def append_rows(
+        self, rows: list[tuple[str, bytes, str | None]], *, ts: float | None = None
+    ) -> list[int]:
+        """Append ``(room, update, author)`` rows of any rooms; ids in list order, each durable
+        when this returns. Every row is checked before any is queued: a ValueError means nothing
+        was stored. Backends with group commit override this to skip per-update tasks."""
+        return list(await asyncio.gather(*(self.append(r, u, author=a, ts=ts) for r, u, a in rows)))
+
     @abc.abstractmethod
     async def load(self, room: str) -> RoomState:
         """Snapshot and tail of a room, read consistently. An unknown room is empty, not an error."""

@@ -172,22 +172,32 @@ class GroupCommitStore(Store):
     async def append_many(
         self, room: str, updates: list[tuple[bytes, str | None]], *, ts: float | None = None
     ) -> list[int]:
-        """Queue several updates of one room at once; same guarantees as ``append`` for each, and
-        their ids are in list order. One future for the whole call and no task: cheap on the hot
-        path. The room is checked once, an author once per run of the same one."""
+        """Queue several updates of one room at once: ``append_rows`` for one room."""
+        return await self.append_rows([(room, update, author) for update, author in updates], ts=ts)
+
+    async def append_rows(
+        self, rows: list[tuple[str, bytes, str | None]], *, ts: float | None = None
+    ) -> list[int]:
+        """Queue updates of any rooms at once; same guarantees as ``append`` for each, and their
+        ids are in list order. One future for the whole call and no task: cheap on the hot path
+        (the hub's writer hands over every room's updates of a round in one call). Every row is
+        checked before any is queued; a room or author once per run of the same one."""
         stamp = time.time() if ts is None else float(ts)
-        check_room(room)
-        checked: object = object()
-        for update, author in updates:
+        room_checked: object = object()
+        author_checked: object = object()
+        for room, update, author in rows:
+            if room is not room_checked:
+                check_room(room)
+                room_checked = room
             check_update(update)
-            if author is not checked:
+            if author is not author_checked:
                 check_author(author)
-                checked = author
+                author_checked = author
         self._check_open()
-        if not updates:
+        if not rows:
             return []
-        group = _Group(asyncio.get_running_loop().create_future(), len(updates))
-        for index, (update, author) in enumerate(updates):
+        group = _Group(asyncio.get_running_loop().create_future(), len(rows))
+        for index, (room, update, author) in enumerate(rows):
             while not self._has_room_for(len(update)):
                 await self._progress.wait()
                 self._check_open()

@@ -418,3 +418,17 @@ def test_commit_interval_is_bounded(tmp_path: Path) -> None:
         SQLiteStore(tmp_path / "x.db", commit_interval=-1)
     with pytest.raises(ValueError):
         SQLiteStore(tmp_path / "x.db", commit_interval=5)
+
+
+async def test_append_rows_stores_several_rooms_in_one_commit_or_nothing(opened) -> None:
+    store = await opened()
+    rows = [("a", update_of("a1"), "ann"), ("b", update_of("b1"), None), ("a", update_of("a2"), "ann")]
+    ids = await store.append_rows(rows)
+    assert ids == sorted(ids) and len(set(ids)) == 3
+    assert store.commits == 1
+    assert [u.data for u in await store.history("a")] == [rows[0][1], rows[2][1]]
+    assert [u.author for u in await store.history("a")] == ["ann", "ann"]
+    # one bad row refuses the whole call before anything is queued
+    with pytest.raises(ValueError):
+        await store.append_rows([("a", update_of("a3"), None), ("b", b"", None)])
+    assert len(await store.history("a")) == 2 and store.commits == 1
