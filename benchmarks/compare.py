@@ -9,8 +9,8 @@ Servers, each started on loopback in turn, alone on the machine while it is meas
 * ``node``   — the reference ``@y/websocket-server`` 0.1.1 (in memory: durability off);
 * ``pycrdt`` — pycrdt-websocket 0.16 under uvicorn with a pycrdt-store ``SQLiteYStore`` per room.
 
-For each: 1,000 clients in 250 rooms (4 per room, all typing); a rate search (from 200 updates/s,
-×1.5 per step until p99 > 50 ms or loss; before each step a probe waits until the server has worked
+For each: 1,000 clients in 250 rooms (4 per room, all typing); a rate search (from 400 updates/s,
+×1.5 per step until p99 > 50 ms or loss, then two bisection steps; before each step a probe waits until the server has worked
 off any backlog) for the sustainable updates/s; on a fresh process, latency at a fixed load (500
 updates/s); a replay of the first 20,000 automerge-paper keystrokes (1 writer + 1 reader, max speed);
 warm and cold join of the whole automerge-paper document; then, on a fresh process, memory per idle
@@ -43,13 +43,14 @@ from benchmarks.stats import fmt_ms
 
 FULL = {
     "rooms": 250, "clients_per_room": 4, "warmup_rate": 200.0, "fixed_rate": 500.0, "fixed_duration": 8.0,
-    "search_start": 200.0, "search_factor": 1.5, "step_duration": 5.0, "drain": 2.0, "p99_limit_ms": 50.0,
-    "replay_prefix": 20_000, "join_limit": None, "join_warm": 3, "join_cold": 2, "idle_connections": 5_000,
+    "search_start": 400.0, "search_factor": 1.5, "refine_steps": 2, "step_duration": 5.0, "drain": 2.0,
+    "p99_limit_ms": 50.0, "replay_prefix": 20_000, "join_limit": None, "join_warm": 3, "join_cold": 2, "idle_connections": 5_000,
     "max_steps": 12,
 }
 QUICK = {
     "rooms": 50, "clients_per_room": 4, "warmup_rate": 100.0, "fixed_rate": 200.0, "fixed_duration": 3.0,
-    "search_start": 200.0, "search_factor": 2.0, "step_duration": 3.0, "drain": 1.0, "p99_limit_ms": 50.0,
+    "search_start": 200.0, "search_factor": 2.0, "refine_steps": 1, "step_duration": 3.0, "drain": 1.0,
+    "p99_limit_ms": 50.0,
     "replay_prefix": 3_000, "join_limit": 10_000, "join_warm": 2, "join_cold": 1, "idle_connections": 500,
     "max_steps": 4,
 }
@@ -81,7 +82,7 @@ async def measure(kind: str, cfg: dict[str, Any], prefix: Built, full: Built, ou
                 search = await search_sustainable(
                     runner, start_rate=cfg["search_start"], factor=cfg["search_factor"],
                     step_duration=cfg["step_duration"], drain=cfg["drain"], p99_limit_ms=cfg["p99_limit_ms"],
-                    max_steps=cfg["max_steps"])
+                    max_steps=cfg["max_steps"], refine=cfg["refine_steps"])
                 search["label"] = LABELS[kind]
                 for step in search["_full_steps"]:
                     step.pop("timeline", None)
@@ -250,7 +251,7 @@ def render(rows: dict[str, dict[str, Any]], machine: dict[str, Any], cfg: dict[s
         "",
         "Raw data: [compare.jsonl](compare.jsonl). Rate search: each step runs for "
         f"{cfg['step_duration']:g}s; the rate rises ×{cfg['search_factor']:g} until p99 > {cfg['p99_limit_ms']:g} ms, "
-        "a delivery is lost or a connection is closed, then one step between the last good and the first bad rate. "
+        f"a delivery is lost or a connection is closed, then {cfg['refine_steps']} bisection step(s) between the last good and the first bad rate. "
         "Latency is sender→receiver, measured by the clients; a step whose generator fell behind is flagged "
         "client-limited.",
     ])

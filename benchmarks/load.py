@@ -902,10 +902,11 @@ def step_passes(result: dict[str, Any], p99_limit_ms: float = 50.0, max_slip_ms:
 
 async def search_sustainable(runner: LoadRunner, *, start_rate: float, factor: float = 1.5,
                              max_rate: float = 1e6, step_duration: float = 6.0, drain: float = 3.0,
-                             p99_limit_ms: float = 50.0, refine: bool = True, pause: float = 1.0,
+                             p99_limit_ms: float = 50.0, refine: int = 1, pause: float = 1.0,
                              max_steps: int = 14) -> dict[str, Any]:
-    """Step the offered rate up by ``factor`` until a step fails (p99 > limit, loss, closes), then try
-    once between the last good and the first bad rate. Returns the steps and the verdict."""
+    """Step the offered rate up by ``factor`` until a step fails (p99 > limit, loss, closes), then
+    bisect ``refine`` times (geometrically) between the last good and the first bad rate. Returns
+    the steps and the verdict."""
     steps: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
     failed_rate: float | None = None
@@ -939,17 +940,20 @@ async def search_sustainable(runner: LoadRunner, *, start_rate: float, factor: f
             break
         rate *= factor
         await asyncio.sleep(pause)
-    if refine and best is not None and failed_rate is not None:
+    low, high = (best["target_updates_per_s"], failed_rate) if best is not None else (None, None)
+    for _ in range(int(refine) if best is not None and failed_rate is not None else 0):
         await asyncio.sleep(pause)
         await runner.wait_ready(timeout=60.0, threshold_ms=p99_limit_ms)
-        mid = math.sqrt(best["target_updates_per_s"] * failed_rate)
+        mid = math.sqrt(low * high)
         result = await runner.step(mid, step_duration, drain=drain, label="refine")
         ok, why = step_passes(result, p99_limit_ms)
         result["passed"] = ok
         result["verdict"] = why
         steps.append(result)
         if ok:
-            best = result
+            best, low = result, mid
+        else:
+            high = mid
     if failed_rate is None:
         bound = "the search ended before any step failed"
     elif client_limited:

@@ -120,7 +120,7 @@ async def test_one_real_comparison_step_against_the_node_reference_server(paper)
         async with LoadRunner(spec, server_pid=node.pid, server_label="node", progress=False) as runner:
             step = await runner.step(total_rate=30, duration=1.5, drain=1.0, warmup=0)
             search = await search_sustainable(runner, start_rate=20, factor=2, step_duration=1.0, drain=0.5,
-                                              max_steps=2, refine=False, pause=0.1)
+                                              max_steps=2, refine=0, pause=0.1)
         _check_step(step, 6)
         assert step["echoes"] == step["updates_sent"]  # the reference server echoes to the sender
         assert search["steps"] and search["sustainable_updates_per_s"] > 0
