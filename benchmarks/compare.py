@@ -82,7 +82,7 @@ async def measure(kind: str, cfg: dict[str, Any], prefix: Built, full: Built, ou
                 search = await search_sustainable(
                     runner, start_rate=cfg["search_start"], factor=cfg["search_factor"],
                     step_duration=cfg["step_duration"], drain=cfg["drain"], p99_limit_ms=cfg["p99_limit_ms"],
-                    max_steps=cfg["max_steps"], refine=cfg["refine_steps"])
+                    max_steps=cfg["max_steps"], refine=cfg.get("refine_steps", 1))
                 search["label"] = LABELS[kind]
                 for step in search["_full_steps"]:
                     step.pop("timeline", None)
@@ -251,7 +251,7 @@ def render(rows: dict[str, dict[str, Any]], machine: dict[str, Any], cfg: dict[s
         "",
         "Raw data: [compare.jsonl](compare.jsonl). Rate search: each step runs for "
         f"{cfg['step_duration']:g}s; the rate rises ×{cfg['search_factor']:g} until p99 > {cfg['p99_limit_ms']:g} ms, "
-        f"a delivery is lost or a connection is closed, then {cfg['refine_steps']} bisection step(s) between the last good and the first bad rate. "
+        f"a delivery is lost or a connection is closed, then {cfg.get('refine_steps', 1)} bisection step(s) between the last good and the first bad rate. "
         "Latency is sender→receiver, measured by the clients; a step whose generator fell behind is flagged "
         "client-limited.",
     ])
