@@ -3,8 +3,8 @@
 Theory of operation
 -------------------
 * ``commit(origin, update)`` is the only code path that changes the document. It applies the
-  update to the Doc (which is how pycrdt validates it semantically) and enqueues it; the room's
-  writer task then makes the queued batch durable and only afterwards relays it. What happens to a
+  update to the Doc (which is how pycrdt validates it semantically) and enqueues it; the hub's
+  writer then makes the queued batch durable and only afterwards relays it. What happens to a
   change — stored? relayed to local members? published to other nodes? — is decided by its origin
   in one table, ``EFFECTS``.
 * Durable before relayed: the hub's one ``RoomWriter`` takes, in rounds, the queued batch of every
@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -321,7 +321,7 @@ class Room:
         if relayed:
             self.metrics.updates_relayed.inc(relayed)
 
-    def fail(self, batch: list[_Pending] = ()) -> None:  # type: ignore[assignment]
+    def fail(self, batch: Sequence[_Pending] = ()) -> None:
         """Storage failed, or a bug in handling ``batch``: close everyone, unload (see the top)."""
         if not self.poisoned:
             self._poison([*batch, *self._queue])
