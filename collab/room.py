@@ -429,7 +429,8 @@ class RoomWriter:
             except Exception:
                 self.log.exception("storage append failed; closing the members of its rooms")
                 failed = {room for room, _batch, stored in taken if stored}
-            self.metrics.commit_seconds.observe(time.perf_counter() - started)
+            else:
+                self.metrics.commit_seconds.observe(time.perf_counter() - started)
         for room, batch, stored in taken:
             if room in failed:
                 self.metrics.storage_errors.inc()

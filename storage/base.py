@@ -135,8 +135,8 @@ class Store(abc.ABC):
         self, room: str, updates: list[tuple[bytes, str | None]], *, ts: float | None = None
     ) -> list[int]:
         """Append several ``(update, author)`` pairs of one room; ids in list order, each durable
-        when this returns. Backends with group commit override this to skip per-update tasks."""
-        return list(await asyncio.gather(*(self.append(room, u, author=a, ts=ts) for u, a in updates)))
+        when this returns: ``append_rows`` for one room."""
+        return await self.append_rows([(room, update, author) for update, author in updates], ts=ts)
 
     async def append_rows(
         self, rows: list[tuple[str, bytes, str | None]], *, ts: float | None = None

@@ -50,7 +50,7 @@ DEFAULT_MAX_PENDING_BYTES = 64 * 1024 * 1024
 
 
 class _Group:
-    """One ``append_many`` call: a single future for all its updates, resolved with their ids
+    """One ``append_rows`` call: a single future for all its updates, resolved with their ids
     once the last of them is committed (a batch of hundreds costs one future, not hundreds)."""
 
     __slots__ = ("future", "ids", "left")
@@ -67,7 +67,7 @@ class Pending:
     data: bytes
     author: str | None
     ts: float
-    future: asyncio.Future[int] | None  # an ``append``'s own; None for an ``append_many``'s
+    future: asyncio.Future[int] | None  # an ``append``'s own; None for an ``append_rows``'s
     group: _Group | None = None
     index: int = 0
 
@@ -171,12 +171,6 @@ class GroupCommitStore(Store):
         self._outstanding_bytes += len(update)
         self._wakeup.set()
         return await future
-
-    async def append_many(
-        self, room: str, updates: list[tuple[bytes, str | None]], *, ts: float | None = None
-    ) -> list[int]:
-        """Queue several updates of one room at once: ``append_rows`` for one room."""
-        return await self.append_rows([(room, update, author) for update, author in updates], ts=ts)
 
     async def append_rows(
         self, rows: list[tuple[str, bytes, str | None]], *, ts: float | None = None
