@@ -20,6 +20,7 @@ import asyncpg
 import pycrdt
 import pytest
 
+from servers import wait_until
 from storage import PostgresStore, StoreError, open_store
 from storage.postgres import LOCK_APPEND, LOCK_COMPACT, SCHEMA_VERSION, lock_key
 
@@ -346,12 +347,8 @@ async def test_a_compactor_killed_mid_way_does_not_block_the_room(opened, admin)
     assert await holder.fetchval("SELECT pg_try_advisory_lock($1, $2)", LOCK_COMPACT, key)
     assert await store.compact("r") is False
     holder.terminate()
-    for _ in range(100):
-        if await store.compact("r"):
-            break
-        await asyncio.sleep(0.05)
-    else:
-        raise AssertionError("the room stayed locked after its compactor died")
+    await wait_until(lambda: store.compact("r"), timeout=5, interval=0.05,
+                     what="the room unlocked after its compactor died")
     assert (await store.load("r")).updates == []
 
 
@@ -359,14 +356,13 @@ async def test_a_compactor_killed_mid_way_does_not_block_the_room(opened, admin)
 
 
 async def wait_for_lock_waiters(admin: asyncpg.Connection, count: int) -> None:
-    for _ in range(500):
+    async def queued() -> bool:
         waiting = await admin.fetchval(
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
         )
-        if waiting >= count:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the store's writer never queued for the room lock")
+        return waiting >= count
+
+    await wait_until(queued, timeout=5, interval=0.01, what="the store's writer queued for the room lock")
 
 
 async def terminate_other_backends(admin: asyncpg.Connection) -> int:
@@ -498,8 +494,10 @@ async def test_close_waits_for_the_queue_then_releases_every_connection(
     assert await connections() >= 2  # the writer and the pool
     await store.close()
     assert all(isinstance(t.result(), int) for t in tasks)
-    for _ in range(100):  # the server ends a backend just after its client said goodbye
-        if await connections() == 0:
-            break
-        await asyncio.sleep(0.02)
+    # the server ends a backend just after its client said goodbye
+    await wait_until(lambda: _is_zero(connections()), timeout=5, what="no connection left")
     assert await connections() == 0
+
+
+async def _is_zero(count) -> bool:
+    return await count == 0
