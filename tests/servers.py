@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from yjs import free_port
+from yjs import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "test-secret-0123456789abcdef-0123"  # the signing secret tests pass to --secret
@@ -121,20 +121,6 @@ class ServerProcess:
         if not found:
             return 0.0
         return total
-
-
-async def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
-    """Poll a sync or async predicate until truthy; return its value or raise TimeoutError."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 class InProcessServer:

@@ -73,8 +73,10 @@ def ensure_node_modules() -> None:
         _STAMP.touch()
 
 
-async def _poll(predicate: Callable[[], Any], timeout: float, interval: float, what: str) -> Any:
-    """Evaluate `predicate` (sync or async) until truthy; TimeoutError after `timeout` seconds."""
+async def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
+                     what: str = "condition") -> Any:
+    """Poll a sync or async predicate until truthy; return its value, or TimeoutError after
+    ``timeout`` seconds. (Every test helper's way to wait; ``servers`` re-exports it.)"""
     deadline = time.monotonic() + timeout
     while True:
         result = predicate()
@@ -387,7 +389,7 @@ class YjsClient:
         what: str = "condition",
     ) -> Any:
         """Poll a sync or async predicate until truthy; returns its value."""
-        return await _poll(predicate, timeout, interval, what)
+        return await wait_until(predicate, timeout, interval, what)
 
     async def wait_text(self, expected: str, timeout: float = 10.0, name: str = "text") -> str:
         last: list[str] = [""]
@@ -397,7 +399,7 @@ class YjsClient:
             return last[0] == expected
 
         try:
-            await _poll(check, timeout, 0.02, "text")
+            await wait_until(check, timeout, 0.02, "text")
         except TimeoutError:
             raise TimeoutError(f"{self.name}: text {last[0]!r} != {expected!r} after {timeout} s") from None
         return last[0]
@@ -447,7 +449,7 @@ class ReferenceServer:
             await writer.wait_closed()
             return True
 
-        await _poll(accepting, timeout, 0.05, f"reference server on port {self.port}")
+        await wait_until(accepting, timeout, 0.05, f"reference server on port {self.port}")
 
     async def stop(self, kill: bool = False) -> None:
         """SIGTERM (or SIGKILL) the server and wait for it."""
