@@ -60,6 +60,9 @@ class Hub:
         self._loading: dict[str, asyncio.Future[Room]] = {}
         self._early: dict[str, list[BusMessage]] = {}
         self.writer = RoomWriter(self.store, self.metrics, self.log)
+        # Compactions over all rooms, at most this many at once: each takes the store's writer
+        # for a snapshot write, and a crowd of them would queue in front of every group commit.
+        self.compaction_slots = asyncio.Semaphore(self.settings.compactions_at_once)
         self._tg: asyncio.TaskGroup | None = None
         self.accepting = True
         self._last_resync = clock()
@@ -176,7 +179,7 @@ class Hub:
                     log=self.log, tail_updates=len(state.updates), tail_bytes=state.tail_bytes,
                     compact_after_updates=s.compact_after_updates, compact_after_bytes=s.compact_after_bytes,
                     max_client_ids=s.max_client_ids, on_poisoned=self._unload_poisoned, spawn=self.spawn,
-                    services=self.services, writer=self.writer)
+                    services=self.services, writer=self.writer, compaction_slots=self.compaction_slots)
         self.rooms[name] = room
         self.metrics.rooms_loaded.set(len(self.rooms))
         for message in self._early.pop(name, []):
@@ -203,7 +206,9 @@ class Hub:
             if room.compaction is not None:
                 await asyncio.wait([room.compaction])
             try:
-                if await self.store.compact(room.name):
+                async with self.compaction_slots:
+                    compacted = await self.store.compact(room.name)
+                if compacted:
                     self.metrics.compactions.inc()
             except Exception:
                 self.metrics.storage_errors.inc()

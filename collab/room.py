@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import random
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -92,7 +93,8 @@ class Room:
                  compact_after_updates: int = 500, compact_after_bytes: int = 1 << 20,
                  max_client_ids: int = 8, on_poisoned: Callable[[Room], None] | None = None,
                  spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]] | None = None,
-                 services: list[Service] | None = None, writer: RoomWriter) -> None:
+                 services: list[Service] | None = None, writer: RoomWriter,
+                 compaction_slots: asyncio.Semaphore | None = None) -> None:
         self.name = name
         self.doc = doc
         self.store = store
@@ -111,6 +113,9 @@ class Room:
         self.compact_after_updates = compact_after_updates
         self.compact_after_bytes = compact_after_bytes
         self.compaction: asyncio.Task[None] | None = None
+        # The hub's: how many compactions may run at once, over all rooms (None: no bound).
+        self.compaction_slots = compaction_slots
+        self._compact_scale = self._draw_scale()
         self._on_poisoned = on_poisoned
         self._spawn = spawn or asyncio.get_running_loop().create_task
         self.services = services or []
@@ -340,19 +345,40 @@ class Room:
 
     # -- compaction ----------------------------------------------------------------------------
 
+    # A room compacts at a random point between half and all of the configured thresholds, drawn
+    # again after each compaction: rooms loaded together and edited at the same pace (a class, a
+    # load test) would otherwise all reach the threshold in the same second — hundreds of folds
+    # and snapshot writes at once, queued in front of the group commits (a p99 of 260 ms at
+    # 10,000 updates/s in 250 rooms, against 20 ms before and after).
+
+    @staticmethod
+    def _draw_scale() -> float:
+        return random.uniform(0.5, 1.0)  # noqa: S311 - spreading work, not a secret
+
     def _maybe_compact(self) -> None:
         if self.compaction is not None and not self.compaction.done():
             return
-        if self.tail_updates >= self.compact_after_updates or self.tail_bytes >= self.compact_after_bytes:
+        scale = self._compact_scale
+        if (self.tail_updates >= self.compact_after_updates * scale
+                or self.tail_bytes >= self.compact_after_bytes * scale):
             self.compaction = self._spawn(self._compact())  # owned by the hub's task group
 
     async def _compact(self) -> None:
+        slots = self.compaction_slots
+        if slots is None:
+            await self._compact_now()
+        else:
+            async with slots:
+                await self._compact_now()
+
+    async def _compact_now(self) -> None:
         counted_updates, counted_bytes = self.tail_updates, self.tail_bytes
         try:
             if await self.store.compact(self.name):
                 self.metrics.compactions.inc()
             self.tail_updates -= counted_updates
             self.tail_bytes -= counted_bytes
+            self._compact_scale = self._draw_scale()
         except Exception:
             self.metrics.storage_errors.inc()
             self.log.exception("compaction failed")

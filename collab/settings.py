@@ -62,8 +62,9 @@ class Settings:
     node_timeout_seconds: float = field(default=5.0, metadata={"help": "a peer silent this long is dead; its presence is removed"})
 
     # Storage.
-    compact_after_updates: int = field(default=500, metadata={"help": "fold a room's log into its snapshot past this many updates"})
+    compact_after_updates: int = field(default=500, metadata={"help": "fold a room's log into its snapshot past this many updates (each room at a random point from half of it, so rooms don't all compact at once)"})
     compact_after_bytes: int = field(default=1024 * 1024, metadata={"help": "…or past this many bytes"})
+    compactions_at_once: int = field(default=1, metadata={"help": "compactions running at the same time, over all rooms"})
     sqlite_synchronous: str = field(default="FULL", metadata={"help": "FULL (power-loss safe) or NORMAL (crash safe)"})
     commit_interval_ms: float = field(default=2.0, metadata={"help": "under load, start a storage commit at most this often (fewer, larger commits; 0 = commit as soon as possible)"})
 
@@ -126,7 +127,7 @@ class Settings:
         check(self.outbox_max_bytes >= self.max_frame_bytes, "--outbox-max-bytes must be at least --max-frame-bytes")
         for name in ("max_depth", "max_connections", "outbox_max_frames", "rate_burst", "max_inflight",
                      "max_awareness_entries", "max_awareness_state_bytes", "max_client_ids",
-                     "compact_after_updates", "compact_after_bytes", "turn_ttl", "signaling_max_topics",
+                     "compact_after_updates", "compact_after_bytes", "compactions_at_once", "turn_ttl", "signaling_max_topics",
                      "signaling_max_message_bytes", "signaling_burst", "signaling_max_bad_frames",
                      "signaling_outbox_frames", "signaling_outbox_bytes", "signaling_rate",
                      "chat_max_chars", "chat_rate", "chat_burst", "chat_max_page", "undo_capture_ms", "undo_depth",
