@@ -7,10 +7,12 @@ Theory of operation
   with 1013 (try again later) once its outbox is full. The frame is shared, not copied, so a
   relay to N members costs N references to one bytes object.
 * Frames go out in one of two ways. On our own websocket protocol (``collab.wsfast``) the
-  outbox is flushed once per event-loop iteration, every queued frame in one write, straight
-  from the loop — no task per connection; while the transport is over its high-water mark the
-  frames wait in the outbox and the transport's ``resume_writing`` flushes them. On other
-  uvicorn protocols exactly one writer task per connection drains the outbox (``write_loop``).
+  outbox holds whole websocket frames (``wire``: header included — a relayed update's is built
+  once for every member, see ``push_encoded``) and is flushed once per event-loop iteration,
+  every queued frame in one write, straight from the loop — no task per connection; while the
+  transport is over its high-water mark the frames wait in the outbox and the transport's
+  ``resume_writing`` flushes them. On other uvicorn protocols the outbox holds message payloads
+  and exactly one writer task per connection drains it (``write_loop``).
 * ``close`` may be called from anywhere (another connection's relay, the janitor, shutdown): it
   records the code, drops the outbox, cancels the reader and lets the writer send the close.
 * A token bucket bounds messages per second; a flood is closed with 1013.
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from collab import closecodes
 from collab.ratelimit import TokenBucket
+from collab.wsfast import wire_frame
 
 if TYPE_CHECKING:
     from collab.auth import Identity
@@ -111,6 +114,7 @@ class Connection:
         self._wake: asyncio.Event | None = None  # the writer task's (other uvicorn protocols only)
         self._reader: asyncio.Task[None] | None = None
         self._socket: FastSocket | None = None
+        self.wire = False  # the outbox holds whole websocket frames (a fast socket is attached)
         self._flush_scheduled = False
 
     def __repr__(self) -> str:
@@ -132,12 +136,20 @@ class Connection:
                 self._schedule_flush()
 
     def push(self, frame: bytes) -> bool:
-        """Queue ``frame`` without arranging for it to be written: the caller calls ``flush``
-        (a room relaying a batch writes each member's share once). False if not queued."""
+        """Queue the message ``frame`` without arranging for it to be written: the caller calls
+        ``flush`` (a room relaying a batch writes each member's share once). False if not queued."""
+        return self._queue(wire_frame(frame) if self.wire else frame)
+
+    def push_encoded(self, frame: bytes, wire: bytes) -> bool:
+        """``push`` for a message whose websocket frame ``wire`` (``wire_frame(frame)``) the caller
+        built once for every receiver."""
+        return self._queue(wire if self.wire else frame)
+
+    def _queue(self, data: bytes) -> bool:
         if self.close_code is not None:
             return False
-        self._outbox.append(frame)
-        self._outbox_bytes += len(frame)
+        self._outbox.append(data)
+        self._outbox_bytes += len(data)
         if self._outbox_bytes > self.limits.outbox_max_bytes or len(self._outbox) > self.limits.outbox_max_frames:
             self.close(closecodes.TRY_AGAIN_LATER, "slow consumer")
             return False
@@ -146,6 +158,14 @@ class Connection:
     def attach_socket(self, socket: FastSocket | None) -> None:
         """Write straight to ``socket`` from now on (None: back to the writer task)."""
         self._socket = socket
+        wire = socket is not None
+        if wire != self.wire:
+            self.wire = wire
+            if self._outbox:
+                # What is queued was framed for the other way out (the connection is new or ending).
+                convert = wire_frame if wire else _payload
+                self._outbox = [convert(frame) for frame in self._outbox]
+                self._outbox_bytes = sum(len(frame) for frame in self._outbox)
         if socket is not None and self._outbox:
             self._schedule_flush()
 
@@ -167,7 +187,7 @@ class Connection:
             return  # the socket's resume_writing calls us again
         frames, self._outbox = self._outbox, []
         sent, self._outbox_bytes = self._outbox_bytes, 0
-        socket.write_frames(frames)
+        socket.write_wire(frames)
         self.last_sent = self.clock()
         self.metrics.bytes_out.inc(sent)
 
@@ -213,3 +233,9 @@ class Connection:
                     self._outbox_bytes -= len(frame)
                 self.last_sent = self.clock()
                 bytes_out.inc(len(frame))
+
+
+def _payload(wire: bytes) -> bytes:
+    """The message inside a whole unmasked websocket frame made by ``wire_frame``."""
+    length = wire[1]
+    return wire[2 + (2 if length == 126 else 8 if length == 127 else 0):]

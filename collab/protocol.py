@@ -179,8 +179,18 @@ def write_var_string(out: bytearray, value: str) -> None:
 
 
 def decode(frame: bytes, limits: Limits = Limits()) -> Message:
-    if len(frame) > limits.max_frame_bytes:
+    size = len(frame)
+    if size > limits.max_frame_bytes:
         raise ProtocolError("frame too large", TOO_LARGE)
+    if size > 3 and frame[0] == MSG_SYNC and frame[1] == SYNC_UPDATE and frame[2] == size - 3 < 0x80:
+        # Nearly all traffic: an update of under 128 bytes, exactly filling the frame. The
+        # general path below handles every other shape, errors included.
+        payload = frame[3:]
+        try:
+            validate_update(payload, max_depth=limits.max_depth)
+        except InvalidUpdate as exc:
+            raise ProtocolError(f"invalid update: {exc}") from None
+        return SyncUpdate(payload)
     msg_type, pos = read_var_uint(frame, 0)
     if msg_type == MSG_SYNC:
         sub, pos = read_var_uint(frame, pos)
@@ -278,6 +288,9 @@ def encode_sync_step2(update: bytes) -> bytes:
 
 
 def encode_update(update: bytes) -> bytes:
+    n = len(update)
+    if n < 0x80:  # most updates: a one-byte length
+        return bytes((MSG_SYNC, SYNC_UPDATE, n)) + update
     return _sync(SYNC_UPDATE, update)
 
 

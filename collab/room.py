@@ -44,6 +44,7 @@ from collab.protocol import (
     SyncUpdate,
 )
 from collab.services import Service
+from collab.wsfast import wire_frame
 from presence import RoomPresence
 
 if TYPE_CHECKING:
@@ -79,7 +80,8 @@ EFFECTS: dict[Origin, Effects] = {
 @dataclass(slots=True)
 class _Pending:
     effects: Effects | None  # None: a deferred action (``then``), not an update
-    frame: bytes
+    frame: bytes  # the message relayed to members…
+    wire: bytes = b""  # …and the same as a whole websocket frame, built once for all of them
     then: Callable[[], None] | None = None
     update: bytes = b""
     source: Connection | None = None
@@ -167,7 +169,8 @@ class Room:
 
         False — with nothing done — for what must be awaited: an update past its connection's
         in-flight bound, or a service's message. The caller then awaits ``handle``."""
-        if isinstance(message, SyncUpdate | SyncStep2):
+        kind = type(message)
+        if kind is SyncUpdate or kind is SyncStep2:
             if message.update == EMPTY_UPDATE:
                 return True  # every client's answer to our step 1 when it has nothing new: not a change
             if not conn.identity.can_edit:
@@ -259,7 +262,7 @@ class Room:
         for service in self._commit_watchers:
             service.on_commit(self, origin, update, author)
         frame = protocol.encode_update(update)
-        self._enqueue(_Pending(effects, frame, update=update, source=source, author=author,
+        self._enqueue(_Pending(effects, frame, wire_frame(frame), update=update, source=source, author=author,
                                received=time.perf_counter()))
 
     def reply_after_durable(self, conn: Connection, frame: bytes) -> None:
@@ -312,8 +315,9 @@ class Room:
                     item.then()
                 continue
             if item.effects.relay:
+                frame, wire = item.frame, item.wire
                 for member in members:
-                    if member is not source and member.push(item.frame):
+                    if member is not source and member.push_encoded(frame, wire):
                         touched.add(member)
                         relayed += 1
             if item.effects.publish:

@@ -12,10 +12,11 @@ doors added for the room endpoint, which finds it in the ASGI scope after the ha
   calls ``pause()`` (no more reads: TCP backpressure) and ``wake_reader()``; the app's reader
   task drains the backlog — later messages join it, so order is kept — and calls ``resume()``.
   The backlog holds at most what the reads before the pause delivered.
-* ``write_frames(frames)``: server→client binary frames (never masked, never compressed:
-  per-message deflate is off for our sockets) written with one ``transport.write``. While the
-  transport is over its high-water mark (``writable`` false) the caller keeps its frames and
-  ``on_writable`` is called when it drains.
+* ``write_wire(frames)``: server→client binary frames, each already a whole websocket frame
+  (``wire_frame``: never masked, never compressed — per-message deflate is off for our
+  sockets), written with one ``transport.write``. A relayed update's frame is built once and
+  shared by every member. While the transport is over its high-water mark (``writable`` false)
+  the caller keeps its frames and ``on_writable`` is called when it drains.
 
 Frames in are cut by us (``_receive``) once the connection is open: a final, masked binary
 frame within the size limit — every message a Yjs client sends — is unmasked and given to the
@@ -60,6 +61,11 @@ def frame_header(length: int) -> bytes:
     return bytes((0x82, 127)) + length.to_bytes(8, "big")
 
 
+def wire_frame(payload: bytes) -> bytes:
+    """``payload`` as a whole unmasked, final, binary websocket frame."""
+    return frame_header(len(payload)) + payload
+
+
 class FastWebSocketProtocol(WebSocketsSansIOProtocol):
     sink: Sink | None = None
     on_writable: Callable[[], None] | None = None
@@ -69,6 +75,7 @@ class FastWebSocketProtocol(WebSocketsSansIOProtocol):
     own_framing: bool | None = None
     partial: bytearray | None = None  # the start of a frame not yet complete
     need = 0  # how long ``partial`` must grow before it holds the whole frame (0: header unread)
+    _opened: AbstractContextManager[Any] | None = None  # ``batch`` entered for the current read
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
@@ -80,8 +87,9 @@ class FastWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def attach(self, sink: Sink, on_writable: Callable[[], None],
                batch: Callable[[], AbstractContextManager[Any]] | None = None) -> None:
-        """``batch``: a context entered around each read's worth of messages (the room passes
-        its document's transaction: a burst of updates is applied in one, not one each)."""
+        """``batch``: a context entered when one read holds more than one message, from the
+        second on, to the end of the read (the room passes its document's transaction: a burst
+        of updates is applied in one, not one each; a lone message needs none)."""
         self.sink = sink
         self.on_writable = on_writable
         self.batch = batch
@@ -109,18 +117,20 @@ class FastWebSocketProtocol(WebSocketsSansIOProtocol):
                 return  # a frame arriving in pieces is copied once, when complete
             data = bytes(partial)
             self.partial = None
-        batch = self.batch
-        if batch is None:
+        try:
             self._receive(data)
-        else:
-            with batch():
-                self._receive(data)
+        finally:
+            opened = self._opened
+            if opened is not None:
+                self._opened = None
+                opened.__exit__(None, None, None)
 
     def _receive(self, data: bytes) -> None:
         """Cut ``data`` into frames: see the module's docstring."""
         conn = self.conn
         pos, end = 0, len(data)
         need = 0
+        given = 0  # messages handed to the sink from this read
         while pos < end:
             if not self.own_framing or conn.state is not State.OPEN:
                 super().data_received(data[pos:])
@@ -154,6 +164,11 @@ class FastWebSocketProtocol(WebSocketsSansIOProtocol):
                     and conn.current_size is None):
                 payload = apply_mask(data[pos + head + 4:pos + total], data[pos + head:pos + head + 4])
                 pos += total
+                if given == 1 and self.batch is not None and self._opened is None:
+                    opened = self.batch()
+                    opened.__enter__()
+                    self._opened = opened
+                given += 1
                 sink(payload)
             else:
                 # One whole frame of any other kind: websockets parses it, checks included.
@@ -193,12 +208,9 @@ class FastWebSocketProtocol(WebSocketsSansIOProtocol):
     def writable_now(self) -> bool:
         return self.writable.is_set() and not self.close_sent and not self.disconnected
 
-    def write_frames(self, frames: list[bytes]) -> None:
-        parts: list[bytes] = []
-        for frame in frames:
-            parts.append(frame_header(len(frame)))
-            parts.append(frame)
-        self.transport.write(b"".join(parts))
+    def write_wire(self, frames: list[bytes]) -> None:
+        """Write whole websocket frames (``wire_frame``) in one go."""
+        self.transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
     def resume_writing(self) -> None:
         super().resume_writing()
