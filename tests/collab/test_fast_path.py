@@ -11,7 +11,8 @@ import pytest
 
 from clients import YClient
 from collab import protocol
-from collab.wsfast import frame_header
+from collab.connection import _payload
+from collab.wsfast import frame_header, wire_frame
 
 LIMITS = protocol.Limits(max_frame_bytes=1 << 20, max_depth=64, max_awareness_entries=100,
                          max_awareness_state_bytes=100_000)
@@ -23,6 +24,41 @@ def test_frame_header_lengths():
     assert frame_header(126) == b"\x82\x7e\x00\x7e"
     assert frame_header(65535) == b"\x82\x7e\xff\xff"
     assert frame_header(65536) == b"\x82\x7f" + (65536).to_bytes(8, "big")
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 65_535, 65_536, 300_000])
+def test_a_queued_message_survives_being_framed_and_unframed(size):
+    # A connection's outbox switches between whole websocket frames and bare messages when the
+    # fast socket is attached or detached with something queued.
+    message = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    assert _payload(wire_frame(message)) == message
+
+
+def _text_update(chars: str) -> bytes:
+    doc = pycrdt.Doc()
+    doc.get("text", type=pycrdt.Text).insert(0, chars)
+    return doc.get_update()
+
+
+def test_decode_takes_short_updates_fast_and_everything_else_as_before():
+    short = _text_update("hi")
+    assert protocol.decode(b"\x00\x02" + bytes((len(short),)) + short, LIMITS) == protocol.SyncUpdate(short)
+    assert protocol.encode_update(short) == b"\x00\x02" + bytes((len(short),)) + short
+    # An update of 128 bytes or more has a length of two bytes or more: read whole...
+    long = _text_update("x" * 150)
+    assert 128 <= len(long) < 256
+    assert protocol.decode(protocol.encode_update(long), LIMITS) == protocol.SyncUpdate(long)
+    # ...and a frame claiming it in one byte (which then has its continuation bit set) is not
+    # taken for a short update, although that byte equals the bytes that follow it.
+    with pytest.raises(protocol.ProtocolError):
+        protocol.decode(b"\x00\x02" + bytes((len(long),)) + long, LIMITS)
+    # Declared lengths that don't fill the frame exactly, and a bad update, are refused.
+    with pytest.raises(protocol.ProtocolError, match="trailing bytes"):
+        protocol.decode(b"\x00\x02" + bytes((len(short) - 1,)) + short, LIMITS)
+    with pytest.raises(protocol.ProtocolError, match="exceeds"):
+        protocol.decode(b"\x00\x02" + bytes((len(short) + 1,)) + short, LIMITS)
+    with pytest.raises(protocol.ProtocolError, match="invalid update"):
+        protocol.decode(b"\x00\x02\x03\x01\x01\x01", LIMITS)
 
 
 @pytest.mark.parametrize("size", [10, 200, 70_000, 300_000])
