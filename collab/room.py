@@ -96,7 +96,7 @@ class Room:
                  max_client_ids: int = 8, on_poisoned: Callable[[Room], None] | None = None,
                  spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]] | None = None,
                  services: list[Service] | None = None, writer: RoomWriter,
-                 compaction_slots: asyncio.Semaphore | None = None) -> None:
+                 compaction_slots: asyncio.Semaphore) -> None:
         self.name = name
         self.doc = doc
         self.store = store
@@ -115,7 +115,7 @@ class Room:
         self.compact_after_updates = compact_after_updates
         self.compact_after_bytes = compact_after_bytes
         self.compaction: asyncio.Task[None] | None = None
-        # The hub's: how many compactions may run at once, over all rooms (None: no bound).
+        # The hub's: how many compactions may run at once, over all rooms.
         self.compaction_slots = compaction_slots
         self._compact_scale = self._draw_scale()
         self._on_poisoned = on_poisoned
@@ -368,14 +368,10 @@ class Room:
             self.compaction = self._spawn(self._compact())  # owned by the hub's task group
 
     async def _compact(self) -> None:
-        slots = self.compaction_slots
-        if slots is None:
-            await self._compact_now()
-        else:
-            async with slots:
-                await self._compact_now()
+        async with self.compaction_slots:
+            await self._compact_counted()
 
-    async def _compact_now(self) -> None:
+    async def _compact_counted(self) -> None:
         counted_updates, counted_bytes = self.tail_updates, self.tail_bytes
         try:
             if await self.store.compact(self.name):
