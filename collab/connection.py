@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from collab import closecodes
 from collab.ratelimit import TokenBucket
-from collab.wsfast import wire_frame
+from collab.wsfast import wire_frame, wire_payload
 
 if TYPE_CHECKING:
     from collab.auth import Identity
@@ -163,7 +163,7 @@ class Connection:
             self.wire = wire
             if self._outbox:
                 # What is queued was framed for the other way out (the connection is new or ending).
-                convert = wire_frame if wire else _payload
+                convert = wire_frame if wire else wire_payload
                 self._outbox = [convert(frame) for frame in self._outbox]
                 self._outbox_bytes = sum(len(frame) for frame in self._outbox)
         if socket is not None and self._outbox:
@@ -233,9 +233,3 @@ class Connection:
                     self._outbox_bytes -= len(frame)
                 self.last_sent = self.clock()
                 bytes_out.inc(len(frame))
-
-
-def _payload(wire: bytes) -> bytes:
-    """The message inside a whole unmasked websocket frame made by ``wire_frame``."""
-    length = wire[1]
-    return wire[2 + (2 if length == 126 else 8 if length == 127 else 0):]

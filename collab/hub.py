@@ -205,14 +205,7 @@ class Hub:
             # Fold the log now so that the next cold join reads one snapshot.
             if room.compaction is not None:
                 await asyncio.wait([room.compaction])
-            try:
-                async with self.compaction_slots:
-                    compacted = await self.store.compact(room.name)
-                if compacted:
-                    self.metrics.compactions.inc()
-            except Exception:
-                self.metrics.storage_errors.inc()
-                self.log.exception("compaction on unload failed", room=room.name)
+            await room.compact()
 
     def unload_idle(self) -> None:
         now = self.clock()

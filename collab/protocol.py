@@ -182,33 +182,16 @@ def decode(frame: bytes, limits: Limits = Limits()) -> Message:
     size = len(frame)
     if size > limits.max_frame_bytes:
         raise ProtocolError("frame too large", TOO_LARGE)
-    if size > 3 and frame[0] == MSG_SYNC and frame[1] == SYNC_UPDATE and frame[2] == size - 3 < 0x80:
-        # Nearly all traffic: an update of under 128 bytes, exactly filling the frame. The
-        # general path below handles every other shape, errors included.
-        payload = frame[3:]
-        try:
-            validate_update(payload, max_depth=limits.max_depth)
-        except InvalidUpdate as exc:
-            raise ProtocolError(f"invalid update: {exc}") from None
-        return SyncUpdate(payload)
+    if size > 3 and frame[0] == MSG_SYNC and frame[1] <= SYNC_UPDATE and frame[2] == size - 3 < 0x80:
+        # Nearly all traffic: a sync message under 128 bytes, its one-byte length exactly filling
+        # the frame, needs no varint readers. Every other shape, errors included, goes below.
+        return _sync_message(frame[1], frame[3:], limits)
     msg_type, pos = read_var_uint(frame, 0)
     if msg_type == MSG_SYNC:
         sub, pos = read_var_uint(frame, pos)
         payload, pos = read_var_bytes(frame, pos)
         _expect_end(frame, pos)
-        try:
-            if sub == SYNC_UPDATE:
-                validate_update(payload, max_depth=limits.max_depth)
-                return SyncUpdate(payload)
-            if sub == SYNC_STEP1:
-                validate_state_vector(payload)
-                return SyncStep1(payload)
-            if sub == SYNC_STEP2:
-                validate_update(payload, max_depth=limits.max_depth)
-                return SyncStep2(payload)
-        except InvalidUpdate as exc:
-            raise ProtocolError(f"invalid update: {exc}") from None
-        raise ProtocolError("unknown sync message")
+        return _sync_message(sub, payload, limits)
     if msg_type == MSG_AWARENESS:
         payload, pos = read_var_bytes(frame, pos)
         _expect_end(frame, pos)
@@ -223,6 +206,22 @@ def decode(frame: bytes, limits: Limits = Limits()) -> Message:
         _expect_end(frame, pos)
         return ExtensionMessage(decode_extension_body(payload, limits))
     raise ProtocolError("unknown message type")
+
+
+def _sync_message(sub: int, payload: bytes, limits: Limits) -> Message:
+    try:
+        if sub == SYNC_UPDATE:
+            validate_update(payload, max_depth=limits.max_depth)
+            return SyncUpdate(payload)
+        if sub == SYNC_STEP1:
+            validate_state_vector(payload)
+            return SyncStep1(payload)
+        if sub == SYNC_STEP2:
+            validate_update(payload, max_depth=limits.max_depth)
+            return SyncStep2(payload)
+    except InvalidUpdate as exc:
+        raise ProtocolError(f"invalid update: {exc}") from None
+    raise ProtocolError("unknown sync message")
 
 
 def decode_awareness(payload: bytes, limits: Limits = Limits()) -> tuple[AwarenessEntry, ...]:

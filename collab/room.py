@@ -80,8 +80,7 @@ EFFECTS: dict[Origin, Effects] = {
 @dataclass(slots=True)
 class _Pending:
     effects: Effects | None  # None: a deferred action (``then``), not an update
-    frame: bytes  # the message relayed to members…
-    wire: bytes = b""  # …and the same as a whole websocket frame, built once for all of them
+    frame: bytes
     then: Callable[[], None] | None = None
     update: bytes = b""
     source: Connection | None = None
@@ -262,7 +261,7 @@ class Room:
         for service in self._commit_watchers:
             service.on_commit(self, origin, update, author)
         frame = protocol.encode_update(update)
-        self._enqueue(_Pending(effects, frame, wire_frame(frame), update=update, source=source, author=author,
+        self._enqueue(_Pending(effects, frame, update=update, source=source, author=author,
                                received=time.perf_counter()))
 
     def reply_after_durable(self, conn: Connection, frame: bytes) -> None:
@@ -314,8 +313,9 @@ class Room:
                 if item.then is not None:
                     item.then()
                 continue
-            if item.effects.relay:
-                frame, wire = item.frame, item.wire
+            if item.effects.relay and members:
+                frame = item.frame
+                wire = wire_frame(frame)  # built once, shared by every member's outbox
                 for member in members:
                     if member is not source and member.push_encoded(frame, wire):
                         touched.add(member)
@@ -365,23 +365,21 @@ class Room:
         scale = self._compact_scale
         if (self.tail_updates >= self.compact_after_updates * scale
                 or self.tail_bytes >= self.compact_after_bytes * scale):
-            self.compaction = self._spawn(self._compact())  # owned by the hub's task group
+            self.compaction = self._spawn(self.compact())  # owned by the hub's task group
 
-    async def _compact(self) -> None:
+    async def compact(self) -> None:
+        """Fold the room's log into its snapshot, in one of the hub's compaction slots."""
         async with self.compaction_slots:
-            await self._compact_counted()
-
-    async def _compact_counted(self) -> None:
-        counted_updates, counted_bytes = self.tail_updates, self.tail_bytes
-        try:
-            if await self.store.compact(self.name):
-                self.metrics.compactions.inc()
-            self.tail_updates -= counted_updates
-            self.tail_bytes -= counted_bytes
-            self._compact_scale = self._draw_scale()
-        except Exception:
-            self.metrics.storage_errors.inc()
-            self.log.exception("compaction failed")
+            counted_updates, counted_bytes = self.tail_updates, self.tail_bytes
+            try:
+                if await self.store.compact(self.name):
+                    self.metrics.compactions.inc()
+                self.tail_updates -= counted_updates
+                self.tail_bytes -= counted_bytes
+                self._compact_scale = self._draw_scale()
+            except Exception:
+                self.metrics.storage_errors.inc()
+                self.log.exception("compaction failed")
 
     # -- the bus -------------------------------------------------------------------------------
 

@@ -66,6 +66,12 @@ def wire_frame(payload: bytes) -> bytes:
     return frame_header(len(payload)) + payload
 
 
+def wire_payload(frame: bytes) -> bytes:
+    """The payload of a frame made by ``wire_frame``."""
+    length = frame[1]
+    return frame[2 + (2 if length == 126 else 8 if length == 127 else 0):]
+
+
 class FastWebSocketProtocol(WebSocketsSansIOProtocol):
     sink: Sink | None = None
     on_writable: Callable[[], None] | None = None
@@ -164,7 +170,7 @@ class FastWebSocketProtocol(WebSocketsSansIOProtocol):
                     and conn.current_size is None):
                 payload = apply_mask(data[pos + head + 4:pos + total], data[pos + head:pos + head + 4])
                 pos += total
-                if given == 1 and self.batch is not None and self._opened is None:
+                if given == 1 and self.batch is not None:  # a second message in this read
                     opened = self.batch()
                     opened.__enter__()
                     self._opened = opened

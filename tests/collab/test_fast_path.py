@@ -11,8 +11,7 @@ import pytest
 
 from clients import YClient
 from collab import protocol
-from collab.connection import _payload
-from collab.wsfast import frame_header, wire_frame
+from collab.wsfast import frame_header, wire_frame, wire_payload
 
 LIMITS = protocol.Limits(max_frame_bytes=1 << 20, max_depth=64, max_awareness_entries=100,
                          max_awareness_state_bytes=100_000)
@@ -31,7 +30,7 @@ def test_a_queued_message_survives_being_framed_and_unframed(size):
     # A connection's outbox switches between whole websocket frames and bare messages when the
     # fast socket is attached or detached with something queued.
     message = bytes(range(256)) * (size // 256) + bytes(size % 256)
-    assert _payload(wire_frame(message)) == message
+    assert wire_payload(wire_frame(message)) == message
 
 
 def _text_update(chars: str) -> bytes:
@@ -52,6 +51,12 @@ def test_decode_takes_short_updates_fast_and_everything_else_as_before():
     # taken for a short update, although that byte equals the bytes that follow it.
     with pytest.raises(protocol.ProtocolError):
         protocol.decode(b"\x00\x02" + bytes((len(long),)) + long, LIMITS)
+    # The same short form of the other sync messages, and a sync type nobody knows.
+    state = pycrdt.Doc().get_state()
+    assert protocol.decode(protocol.encode_sync_step1(state), LIMITS) == protocol.SyncStep1(state)
+    assert protocol.decode(protocol.encode_sync_step2(short), LIMITS) == protocol.SyncStep2(short)
+    with pytest.raises(protocol.ProtocolError, match="unknown sync message"):
+        protocol.decode(b"\x00\x03" + bytes((len(short),)) + short, LIMITS)
     # Declared lengths that don't fill the frame exactly, and a bad update, are refused.
     with pytest.raises(protocol.ProtocolError, match="trailing bytes"):
         protocol.decode(b"\x00\x02" + bytes((len(short) - 1,)) + short, LIMITS)
