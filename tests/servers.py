@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -58,20 +57,20 @@ class ServerProcess:
         env["PYTHONUNBUFFERED"] = "1"
         self.proc = await asyncio.create_subprocess_exec(
             *self.argv(), cwd=str(self.data_dir), stdout=self._log_file, stderr=self._log_file, env=env)
-        deadline = time.monotonic() + timeout
         async with httpx.AsyncClient() as client:
-            while True:
+            async def healthy() -> bool:
                 if self.proc.returncode is not None:
                     raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.logs()[-3000:]}")
                 try:
-                    r = await client.get(self.http + "/healthz", timeout=1)
-                    if r.status_code == 200:
-                        return self
+                    return (await client.get(self.http + "/healthz", timeout=1)).status_code == 200
                 except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"server did not start:\n{self.logs()[-3000:]}")
-                await asyncio.sleep(0.05)
+                    return False
+
+            try:
+                await wait_until(healthy, timeout=timeout, interval=0.05, what="server start")
+            except TimeoutError:
+                raise TimeoutError(f"server did not start:\n{self.logs()[-3000:]}") from None
+        return self
 
     async def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
         if self.proc is None or self.proc.returncode is not None:
