@@ -40,6 +40,7 @@ commits on power loss, for several times the throughput.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sqlite3
 import time
@@ -235,7 +236,9 @@ class SQLiteStore(GroupCommitStore):
 
     async def _connect(self, *, read_only: bool = False) -> aiosqlite.Connection:
         # isolation_level=None: no implicit transactions; every transaction here is explicit.
-        db = await aiosqlite.connect(self.path, isolation_level=None)
+        db = await aiosqlite.connect(
+            self.path, isolation_level=None, cached_statements=64 if read_only else WRITER_CACHED_STATEMENTS
+        )
         try:
             await db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
             async with db.execute("PRAGMA journal_mode = WAL") as cursor:
@@ -704,14 +707,14 @@ def _call_with_connection(db: aiosqlite.Connection, fn: Callable[..., T], args: 
     return fn(db._conn, *args)  # _conn raises ValueError once the connection is closed
 
 
-_INSERT_CHUNK = 64  # rows per multi-row INSERT: <= 256 parameters, and <= 64 distinct statements cached
+_INSERT_CHUNK = 256  # rows per multi-row INSERT: 1,024 parameters (SQLite allows 32,766)
+# Writer connection's prepared-statement cache: one multi-row INSERT per batch size seen, plus the rest.
+WRITER_CACHED_STATEMENTS = _INSERT_CHUNK + 64
 
 
+@functools.lru_cache(maxsize=_INSERT_CHUNK)
 def _insert_sql(n: int) -> str:
     return "INSERT INTO updates (room, data, author, ts) VALUES " + ",".join(["(?, ?, ?, ?)"] * n)
-
-
-_INSERT_SQL = [""] + [_insert_sql(n) for n in range(1, _INSERT_CHUNK + 1)]
 
 
 def _insert_batch(
@@ -719,16 +722,28 @@ def _insert_batch(
 ) -> int:
     """The flusher's transaction: the rows, their rooms; the last row's id.
 
-    Rows go in as multi-row INSERTs of up to _INSERT_CHUNK rows: the sqlite3 module releases
-    and re-takes the GIL around every statement step, and on a busy server each re-take is a
-    wait and a context switch — one step per chunk instead of one per row."""
+    The sqlite3 module releases the GIL around every statement step and must take it back after;
+    on a busy server each re-take waits for the event loop to let go (up to the switch interval,
+    5 ms). So a batch is as few statements as possible: up to _INSERT_CHUNK rows and no new room
+    is ONE multi-row INSERT run as its own (autocommit) transaction -- it takes the write lock at its
+    start and waits on the busy handler like BEGIN IMMEDIATE -- and anything bigger is chunks of
+    _INSERT_CHUNK rows in one BEGIN IMMEDIATE transaction."""
+    if not new_rooms and len(rows) <= _INSERT_CHUNK:
+        try:
+            cursor = conn.execute(_insert_sql(len(rows)), [value for row in rows for value in row])
+        except BaseException:
+            _rollback_sync(conn)
+            raise
+        if cursor.rowcount != len(rows) or cursor.lastrowid is None:
+            raise StoreError(f"inserted {cursor.rowcount} rows of {len(rows)}")
+        return int(cursor.lastrowid)
     conn.execute("BEGIN IMMEDIATE")
     try:
         inserted = 0
         last_id = None
         for start in range(0, len(rows), _INSERT_CHUNK):
             chunk = rows[start:start + _INSERT_CHUNK]
-            cursor = conn.execute(_INSERT_SQL[len(chunk)], [value for row in chunk for value in row])
+            cursor = conn.execute(_insert_sql(len(chunk)), [value for row in chunk for value in row])
             inserted += cursor.rowcount
             last_id = cursor.lastrowid
         if inserted != len(rows) or last_id is None:

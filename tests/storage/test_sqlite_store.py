@@ -219,8 +219,14 @@ async def test_kill_9_loses_no_reported_commit(tmp_path: Path, synchronous: str)
 # -- failures ------------------------------------------------------------------------------------
 
 
-async def test_a_locked_database_fails_the_waiting_appends_then_recovers(opened) -> None:
+# A batch to a room this store has written before is one autocommit INSERT; a batch with a new room
+# is a BEGIN IMMEDIATE transaction (rows, then the rooms table). Both must wait for, then fail on,
+# another process's write lock.
+@pytest.mark.parametrize("room_known", [False, True], ids=["new-room", "known-room"])
+async def test_a_locked_database_fails_the_waiting_appends_then_recovers(opened, room_known: bool) -> None:
     store = await opened(busy_timeout=0.05)
+    if room_known:
+        await store.append("r", update_of("before"))
     blocker = sqlite3.connect(store.path, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
     try:
@@ -234,7 +240,7 @@ async def test_a_locked_database_fails_the_waiting_appends_then_recovers(opened)
     await store.ping()
     kept = await store.append("r", update_of("kept"))
     state = await store.load("r")
-    assert state.last_id == kept and len(state.updates) == 1
+    assert state.last_id == kept and len(state.updates) == 1 + room_known
 
 
 async def test_a_read_only_database_fails_appends_and_compaction_until_writable(opened) -> None:
