@@ -3,9 +3,16 @@
 A backend subclasses ``GroupCommitStore`` and supplies ``_open_backend`` / ``_close_backend`` and
 ``_write_batch`` (write a batch in ONE transaction and return its ids in batch order, or raise).
 
-* ``append`` queues (row, future) and wakes the flusher; the flusher writes everything queued (up to
-  MAX_BATCH_*) in one transaction and resolves the futures after COMMIT. Appends that arrive
-  meanwhile form the next batch. A lone append pays one commit at once, a crowd shares one.
+* ``append`` queues (row, future); if nothing is being written, the next batch -- everything
+  queued, up to MAX_BATCH_* -- starts at once, in one transaction, and its futures are resolved
+  after COMMIT. Appends that arrive meanwhile form the next batch. A lone append pays one commit
+  at once; a crowd arriving together shares the commit after the first one's.
+* Starting a batch: a backend that can begin a write without awaiting (``_can_start_write`` /
+  ``_start_write``, SQLite's thread queue) is handed the batch directly from ``append`` or from
+  the previous batch's completion callback; otherwise, or when it cannot right now, the flusher
+  task writes it with ``_write_batch``. On a busy loop each task wake-up costs a whole loop
+  iteration, and the direct path skips two per commit (the flusher's wake-up on an append, and
+  its resumption after the write). Either way one batch is written at a time.
 * Pacing: under load — the previous batch held ``PACE_FROM`` or more appends — transactions
   start at most once per ``commit_interval`` (2 ms by default); a small batch ready sooner waits
   out the rest of the interval. Each commit costs a sync of the log (fsync for SQLite, a WAL
@@ -97,6 +104,8 @@ class GroupCommitStore(Store):
         self._resolved = 0  # appends committed or failed so far (in queue order)
         self._outstanding_bytes = 0
         self._flusher: asyncio.Task[None] | None = None
+        self._writing = False  # a batch is being written (by the flusher or a direct start)
+        self._kick_timer: asyncio.TimerHandle | None = None
 
     # -- what a backend provides -----------------------------------------------------------
 
@@ -114,6 +123,16 @@ class GroupCommitStore(Store):
 
     def _write_failed(self, exc: BaseException) -> None:  # noqa: B027 - optional hook
         """A batch failed with ``exc``: e.g. mark the connection for a health check."""
+
+    def _can_start_write(self) -> bool:
+        """Optional fast path: can ``_start_write`` take a batch right now? (No by default.)"""
+        return False
+
+    def _start_write(self, batch: list[Pending], done: Callable[[list[int] | None, BaseException | None], None]) -> None:
+        """Fast path: begin writing ``batch`` as ``_write_batch`` would, without awaiting, and call
+        ``done(ids, None)`` or ``done(None, error)`` on the event loop when finished. Only called
+        right after ``_can_start_write`` said yes."""
+        raise NotImplementedError
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -169,7 +188,7 @@ class GroupCommitStore(Store):
         self._pending.append(Pending(room, update, author, stamp, future))
         self._enqueued += 1
         self._outstanding_bytes += len(update)
-        self._wakeup.set()
+        self._kick()
         return await future
 
     async def append_rows(
@@ -201,7 +220,7 @@ class GroupCommitStore(Store):
             self._pending.append(Pending(room, update, author, stamp, None, group, index))
             self._enqueued += 1
             self._outstanding_bytes += len(update)
-            self._wakeup.set()
+        self._kick()
         return await group.future
 
     async def flush(self) -> None:
@@ -222,20 +241,59 @@ class GroupCommitStore(Store):
         progress, self._progress = self._progress, asyncio.Event()
         progress.set()
 
+    def _kick(self) -> None:
+        """Appends are queued: start the next batch now if nothing is being written and pacing
+        allows, directly if the backend can (no task hop: on a busy loop every hop is a wait of a
+        whole loop iteration), else by waking the flusher task."""
+        if self._writing or not self._pending:
+            return
+        if self._state != "open":
+            self._wakeup.set()
+            return
+        loop = asyncio.get_running_loop()
+        wait = self._pace_wait(loop)
+        if wait > 0:
+            if self._kick_timer is None:
+                self._kick_timer = loop.call_later(wait, self._kicked_by_timer)
+            return
+        if not self._can_start_write():
+            self._wakeup.set()
+            return
+        batch = self._begin_batch(loop)
+        self._start_write(batch, lambda ids, exc: self._written(batch, ids, exc))
+
+    def _kicked_by_timer(self) -> None:
+        self._kick_timer = None
+        self._kick()
+
+    def _written(self, batch: list[Pending], ids: list[int] | None, exc: BaseException | None) -> None:
+        """A direct start's batch is written (``ids``) or failed (``exc``); start the next one."""
+        self._writing = False
+        self._finish(batch, ids, exc)
+        if self._state == "open":
+            self._kick()
+        else:
+            self._wakeup.set()  # the flusher drains and returns
+
     async def _flush_forever(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while True:
-                if not self._pending:
-                    if self._state != "open":
+                if self._writing or not self._pending:
+                    if self._state != "open" and not self._writing and not self._pending:
                         return  # closing and drained
                     await self._wakeup.wait()
                     self._wakeup.clear()
                     continue
                 await self._pace()
-                self._last_start = asyncio.get_running_loop().time()
-                batch = self._take_batch()
-                self._last_size = len(batch)
-                await self._commit(batch)
+                if self._writing:
+                    continue  # a direct start took it meanwhile
+                batch = self._begin_batch(loop)
+                try:
+                    await self._commit(batch)
+                finally:
+                    self._writing = False
+                self._kick()
         except asyncio.CancelledError:
             log.warning("flusher of %r cancelled before close()", self)
             raise
@@ -248,13 +306,24 @@ class GroupCommitStore(Store):
             self._pending.clear()
             self._fail(leftover, lambda: StoreClosed("the store's writer stopped"))
 
-    async def _pace(self) -> None:
-        """Wait out the rest of the commit interval if the batch is small and we are open."""
+    def _pace_wait(self, loop: asyncio.AbstractEventLoop) -> float:
+        """How long the next batch should wait: the rest of the commit interval if the last batch
+        was big enough to pace and this one is still small; 0 otherwise (and when closing)."""
         if self._last_size < PACE_FROM or len(self._pending) >= PACE_BELOW or self._state != "open":
-            return
-        wait = self._last_start + self.commit_interval - asyncio.get_running_loop().time()
+            return 0.0
+        return self._last_start + self.commit_interval - loop.time()
+
+    async def _pace(self) -> None:
+        wait = self._pace_wait(asyncio.get_running_loop())
         if wait > 0:
             await asyncio.sleep(wait)
+
+    def _begin_batch(self, loop: asyncio.AbstractEventLoop) -> list[Pending]:
+        self._writing = True
+        self._last_start = loop.time()
+        batch = self._take_batch()
+        self._last_size = len(batch)
+        return batch
 
     def _take_batch(self) -> list[Pending]:
         batch: list[Pending] = []
@@ -270,16 +339,24 @@ class GroupCommitStore(Store):
     async def _commit(self, batch: list[Pending]) -> None:
         try:
             ids = await self._write_batch(batch)
-            if len(ids) != len(batch):
-                raise StoreError(f"stored {len(ids)} rows of {len(batch)}")
         except Exception as exc:
-            self._write_failed(exc)
-            log.warning("commit of %d updates failed: %r", len(batch), exc)
-            self._fail(batch, lambda: chained(StoreError(f"commit failed: {exc}"), exc))
+            self._finish(batch, None, exc)
             return
         except BaseException as exc:  # cancelled: the store is being torn down
             self._fail(batch, lambda: chained(StoreClosed("the store's writer stopped"), exc))
             raise
+        self._finish(batch, ids, None)
+
+    def _finish(self, batch: list[Pending], ids: list[int] | None, exc: BaseException | None) -> None:
+        """Resolve a written batch's appends with their ids, or fail them all with ``exc``."""
+        if exc is None and ids is not None and len(ids) != len(batch):
+            exc = StoreError(f"stored {len(ids)} rows of {len(batch)}")
+        if exc is not None or ids is None:
+            error = exc if exc is not None else StoreError("no ids")
+            self._write_failed(error)
+            log.warning("commit of %d updates failed: %r", len(batch), error)
+            self._fail(batch, lambda: chained(StoreError(f"commit failed: {error}"), error))
+            return
         self.commits += 1
         self.appended += len(batch)
         for pending, update_id in zip(batch, ids):

@@ -292,11 +292,52 @@ class SQLiteStore(GroupCommitStore):
         async with self._write_lock:
             db = await self._writable()
             last_id = await _in_thread(db, _insert_batch, rows, sorted(new_rooms), time.time())
+        self._remember_rooms(new_rooms)
+        # With the write lock held, one transaction's rows get consecutive ids.
+        return list(range(last_id - len(batch) + 1, last_id + 1))
+
+    def _can_start_write(self) -> bool:
+        # Not while someone holds the writer (a chat or meta transaction may span several queued
+        # calls) or it needs a health check / reconnect: the flusher task does those.
+        writer = self._writer
+        return (
+            writer is not None and writer._running and not self._writer_suspect
+            and not self._write_lock.locked() and self._state == "open"
+        )
+
+    def _start_write(self, batch: list[Pending], done: Callable[[list[int] | None, BaseException | None], None]) -> None:
+        """``_write_batch`` without a task: ``_insert_batch`` is queued on the writer's thread
+        (after whatever is queued there, each a whole transaction) and reports back with one
+        ``call_soon_threadsafe`` straight into ``done`` -- no future to resolve, no task to wake."""
+        writer = self._writer
+        assert writer is not None
+        rows = [(p.room, p.data, p.author, p.ts) for p in batch]
+        new_rooms = {p.room for p in batch} - self._known_rooms
+        loop = asyncio.get_running_loop()
+
+        def finished(last_id: int | None, exc: BaseException | None) -> None:
+            if exc is None and last_id is not None:
+                self._remember_rooms(new_rooms)
+                done(list(range(last_id - len(batch) + 1, last_id + 1)), None)
+            else:
+                done(None, exc)
+
+        def job() -> None:  # on the writer's thread
+            try:
+                last_id = _insert_batch(writer._conn, rows, sorted(new_rooms), time.time())
+            except BaseException as exc:  # noqa: BLE001 - reported to the loop, like aiosqlite does
+                loop.call_soon_threadsafe(finished, None, exc)
+            else:
+                loop.call_soon_threadsafe(finished, last_id, None)
+
+        # aiosqlite's own queue (a (future, function) pair; no future: we report ourselves), so the
+        # job runs in order with every other call on this connection.
+        writer._tx.put_nowait((None, job))
+
+    def _remember_rooms(self, new_rooms: set[str]) -> None:
         if len(self._known_rooms) + len(new_rooms) > KNOWN_ROOMS_CACHE:
             self._known_rooms.clear()
         self._known_rooms |= new_rooms
-        # With the write lock held, one transaction's rows get consecutive ids.
-        return list(range(last_id - len(batch) + 1, last_id + 1))
 
     def _write_failed(self, exc: BaseException) -> None:
         self._writer_suspect = True

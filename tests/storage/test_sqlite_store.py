@@ -309,18 +309,23 @@ async def test_closing_refuses_appends_waiting_for_room(opened) -> None:
 # -- one thread hop per transaction ----------------------------------------------------------------
 
 
+class _CountingQueue:
+    """Stands in for an aiosqlite connection's call queue (``_tx``) and counts what is put on it;
+    the connection's thread keeps reading the real queue, which gets everything."""
+
+    def __init__(self, queue, hops: dict[str, int], key: str) -> None:  # type: ignore[no-untyped-def]
+        self.queue, self.hops, self.key = queue, hops, key
+
+    def put_nowait(self, item) -> None:  # type: ignore[no-untyped-def]
+        self.hops[self.key] += 1
+        self.queue.put_nowait(item)
+
+
 def count_hops(store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Calls queued on the writer's and reader's threads (each one hop and one loop wakeup)."""
-    import aiosqlite
-
     hops = {"writer": 0, "reader": 0}
-    original = aiosqlite.Connection._execute
-
-    async def counting(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
-        hops["writer" if self is store._writer else "reader"] += 1
-        return await original(self, fn, *args, **kwargs)
-
-    monkeypatch.setattr(aiosqlite.Connection, "_execute", counting)
+    for key, db in (("writer", store._writer), ("reader", store._reader)):
+        monkeypatch.setattr(db, "_tx", _CountingQueue(db._tx, hops, key))
     return hops
 
 
@@ -347,11 +352,14 @@ async def test_a_failed_batch_is_rolled_back_whole_and_the_writer_carries_on(ope
     with sqlite3.connect(store.path) as db:  # the database refuses some rows half-way through
         db.execute("CREATE TRIGGER refuse BEFORE INSERT ON updates WHEN NEW.room = 'bad' "
                    "BEGIN SELECT RAISE(ABORT, 'refused'); END")
-    results = await asyncio.gather(
-        store.append_many("good", [(update_of(f"g{n}"), "a") for n in range(5)]),
-        store.append("bad", update_of("b")),
-        return_exceptions=True,
-    )
+    async with store._write_lock:  # the writer is busy meanwhile: both appends form one batch
+        appends = asyncio.gather(
+            store.append_many("good", [(update_of(f"g{n}"), "a") for n in range(5)]),
+            store.append("bad", update_of("b")),
+            return_exceptions=True,
+        )
+        await wait_until(lambda: store._enqueued == 6)
+    results = await appends
     assert all(isinstance(r, StoreError) for r in results), results
     assert "refused" in str(results[0])
     with sqlite3.connect(store.path) as probe:
@@ -399,18 +407,19 @@ async def test_commits_are_paced_under_load_but_light_load_goes_at_once(opened) 
     await asyncio.wait_for(store.append("r", update_of("first")), 0.9)
     await asyncio.wait_for(store.append("r", update_of("second")), 0.9)
     assert store.commits == 2
-    # A crowd (one batch of 10) marks the store busy; the appends that follow, one per loop turn
+    # A crowd of 10 arriving together: the first starts a commit at once, the other 9 share the
+    # next. That batch of 9 marks the store busy; the appends that follow, one per loop turn
     # (without pacing the first of them would be committed on its own at once, see below),
     # then share one commit after the interval.
     await asyncio.gather(*(store.append("r", update_of(f"crowd {n}")) for n in range(10)))
-    assert store.commits == 3
+    assert store.commits == 4
     later = []
     for n in range(20):
         later.append(asyncio.create_task(store.append("r", update_of(f"later {n}"))))
         await asyncio.sleep(0)  # one loop turn: the next producer arrives after this one
     ids = await asyncio.gather(*later)
     assert ids == sorted(ids) and len(set(ids)) == 20
-    assert store.commits == 4
+    assert store.commits == 5
 
 
 async def test_without_pacing_each_spread_out_append_commits_on_its_own(opened) -> None:
@@ -421,7 +430,7 @@ async def test_without_pacing_each_spread_out_append_commits_on_its_own(opened) 
     for n in range(20):
         later.append(asyncio.create_task(store.append("r", update_of(f"later {n}"))))
         await wait_until(lambda: later[-1].done(), what="the commit")
-    assert store.commits == 21
+    assert store.commits == 2 + 20
 
 
 def test_commit_interval_is_bounded(tmp_path: Path) -> None:
