@@ -2,14 +2,19 @@
 
 Theory of operation
 -------------------
-* Two aiosqlite connections: the writer (used by the flusher task and by compaction's short write
-  transaction, serialized by ``_write_lock``) and the reader (``load``, ``history``, ``rooms``,
+* Two aiosqlite connections: the writer (used by group commits and by compaction's short write
+  transaction, serialized by ``_write_lock`` and by its thread's queue) and the reader (``load``, ``history``, ``rooms``,
   serialized by ``_read_lock``). WAL lets the reader and other processes read while a write is in
   flight; ``busy_timeout`` makes writers of different processes queue for the file's single write lock.
-  Every write transaction is ``BEGIN IMMEDIATE``: it takes the write lock up front, so it waits on
-  the busy handler instead of failing half-way when another process wrote first.
-* Group commit (``groupcommit.GroupCommitStore``): the flusher writes every queued append (up to
-  MAX_BATCH_*) in one ``BEGIN IMMEDIATE`` transaction, as multi-row INSERTs of up to 64 rows.
+  Every write transaction takes the write lock up front (``BEGIN IMMEDIATE``, or a single write
+  statement in autocommit, which takes it at its start), so it waits on the busy handler instead
+  of failing half-way when another process wrote first.
+* Group commit (``groupcommit.GroupCommitStore``): each batch of queued appends (up to
+  MAX_BATCH_*) is one transaction: up to 256 rows to rooms already known is ONE multi-row INSERT
+  in autocommit; more rows, or a new room, is ``BEGIN IMMEDIATE`` + INSERTs of up to 256 rows +
+  the rooms table. A batch is usually started directly (``_start_write``: the job goes on the
+  writer's thread queue and reports back with one ``call_soon_threadsafe``); the flusher task
+  writes it instead while ``_write_lock`` is held or the writer needs a check after a failure.
 * Thread hops: every aiosqlite await is a trip to the connection's thread and back (an event-loop
   wakeup). The hot transactions -- the flusher's batch, compaction's read and write, ``put_meta``,
   ``load`` -- are therefore each ONE plain function run on the connection's thread (``_in_thread``),
