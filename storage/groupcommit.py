@@ -349,10 +349,10 @@ class GroupCommitStore(Store):
 
     def _finish(self, batch: list[Pending], ids: list[int] | None, exc: BaseException | None) -> None:
         """Resolve a written batch's appends with their ids, or fail them all with ``exc``."""
-        if exc is None and ids is not None and len(ids) != len(batch):
-            exc = StoreError(f"stored {len(ids)} rows of {len(batch)}")
-        if exc is not None or ids is None:
-            error = exc if exc is not None else StoreError("no ids")
+        if exc is None and (ids is None or len(ids) != len(batch)):
+            exc = StoreError(f"stored {0 if ids is None else len(ids)} rows of {len(batch)}")
+        if exc is not None or ids is None:  # (ids is None only with exc set, see above)
+            error: BaseException = exc if exc is not None else StoreError("no ids")
             self._write_failed(error)
             log.warning("commit of %d updates failed: %r", len(batch), error)
             self._fail(batch, lambda: chained(StoreError(f"commit failed: {error}"), error))

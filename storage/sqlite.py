@@ -3,8 +3,8 @@
 Theory of operation
 -------------------
 * Two aiosqlite connections: the writer (used by group commits and by compaction's short write
-  transaction, serialized by ``_write_lock`` and by its thread's queue) and the reader (``load``, ``history``, ``rooms``,
-  serialized by ``_read_lock``). WAL lets the reader and other processes read while a write is in
+  transaction, serialized by ``_write_lock`` and its thread's queue) and the reader (``load``,
+  ``history``, ``rooms``, serialized by ``_read_lock``). WAL lets the reader and other processes read while a write is in
   flight; ``busy_timeout`` makes writers of different processes queue for the file's single write lock.
   Every write transaction takes the write lock up front (``BEGIN IMMEDIATE``, or a single write
   statement in autocommit, which takes it at its start), so it waits on the busy handler instead
@@ -292,13 +292,22 @@ class SQLiteStore(GroupCommitStore):
     # -- the flusher's transaction ---------------------------------------------------------
 
     async def _write_batch(self, batch: list[Pending]) -> list[int]:
-        rows = [(p.room, p.data, p.author, p.ts) for p in batch]
-        new_rooms = {p.room for p in batch} - self._known_rooms
+        rows, new_rooms = self._rows_of(batch)
         async with self._write_lock:
             db = await self._writable()
             last_id = await _in_thread(db, _insert_batch, rows, sorted(new_rooms), time.time())
-        self._remember_rooms(new_rooms)
-        # With the write lock held, one transaction's rows get consecutive ids.
+        return self._written_ids(batch, new_rooms, last_id)
+
+    def _rows_of(self, batch: list[Pending]) -> tuple[list[tuple[str, bytes, str | None, float]], set[str]]:
+        """A batch's rows for ``_insert_batch``, and its rooms not yet known to be in the rooms table."""
+        return [(p.room, p.data, p.author, p.ts) for p in batch], {p.room for p in batch} - self._known_rooms
+
+    def _written_ids(self, batch: list[Pending], new_rooms: set[str], last_id: int) -> list[int]:
+        """After a batch's commit: remember its rooms; its ids (with the write lock held, one
+        transaction's rows get consecutive ids, ending at the last one)."""
+        if len(self._known_rooms) + len(new_rooms) > KNOWN_ROOMS_CACHE:
+            self._known_rooms.clear()
+        self._known_rooms |= new_rooms
         return list(range(last_id - len(batch) + 1, last_id + 1))
 
     def _can_start_write(self) -> bool:
@@ -316,14 +325,12 @@ class SQLiteStore(GroupCommitStore):
         ``call_soon_threadsafe`` straight into ``done`` -- no future to resolve, no task to wake."""
         writer = self._writer
         assert writer is not None
-        rows = [(p.room, p.data, p.author, p.ts) for p in batch]
-        new_rooms = {p.room for p in batch} - self._known_rooms
+        rows, new_rooms = self._rows_of(batch)
         loop = asyncio.get_running_loop()
 
         def finished(last_id: int | None, exc: BaseException | None) -> None:
-            if exc is None and last_id is not None:
-                self._remember_rooms(new_rooms)
-                done(list(range(last_id - len(batch) + 1, last_id + 1)), None)
+            if last_id is not None:
+                done(self._written_ids(batch, new_rooms, last_id), None)
             else:
                 done(None, exc)
 
@@ -338,11 +345,6 @@ class SQLiteStore(GroupCommitStore):
         # aiosqlite's own queue (a (future, function) pair; no future: we report ourselves), so the
         # job runs in order with every other call on this connection.
         writer._tx.put_nowait((None, job))
-
-    def _remember_rooms(self, new_rooms: set[str]) -> None:
-        if len(self._known_rooms) + len(new_rooms) > KNOWN_ROOMS_CACHE:
-            self._known_rooms.clear()
-        self._known_rooms |= new_rooms
 
     def _write_failed(self, exc: BaseException) -> None:
         self._writer_suspect = True
