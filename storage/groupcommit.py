@@ -351,12 +351,13 @@ class GroupCommitStore(Store):
         """Resolve a written batch's appends with their ids, or fail them all with ``exc``."""
         if exc is None and (ids is None or len(ids) != len(batch)):
             exc = StoreError(f"stored {0 if ids is None else len(ids)} rows of {len(batch)}")
-        if exc is not None or ids is None:  # (ids is None only with exc set, see above)
-            error: BaseException = exc if exc is not None else StoreError("no ids")
+        if exc is not None:
+            error = exc  # a name the lambda can close over with its narrowed type
             self._write_failed(error)
             log.warning("commit of %d updates failed: %r", len(batch), error)
             self._fail(batch, lambda: chained(StoreError(f"commit failed: {error}"), error))
             return
+        assert ids is not None
         self.commits += 1
         self.appended += len(batch)
         for pending, update_id in zip(batch, ids):

@@ -312,12 +312,10 @@ class SQLiteStore(GroupCommitStore):
 
     def _can_start_write(self) -> bool:
         # Not while someone holds the writer (a chat or meta transaction may span several queued
-        # calls) or it needs a health check / reconnect: the flusher task does those.
+        # calls) or it needs a health check / reconnect: the flusher task does those. (Only
+        # asked while the store is open.)
         writer = self._writer
-        return (
-            writer is not None and writer._running and not self._writer_suspect
-            and not self._write_lock.locked() and self._state == "open"
-        )
+        return writer is not None and writer._running and not self._writer_suspect and not self._write_lock.locked()
 
     def _start_write(self, batch: list[Pending], done: Callable[[list[int] | None, BaseException | None], None]) -> None:
         """``_write_batch`` without a task: ``_insert_batch`` is queued on the writer's thread
