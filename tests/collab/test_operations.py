@@ -83,7 +83,7 @@ async def test_room_that_fails_to_load_refuses_joiners_with_1013_and_its_data_st
     await srv.stop()
     db = tmp_path / "f" / "collab.db"
     with sqlite3.connect(db) as conn:  # a corrupt row, as a bad disk or a bad migration could leave
-        conn.execute("INSERT INTO updates(room, data, author, ts) VALUES ('broken', x'ffffffff', 'x', 0)")
+        conn.execute("INSERT INTO recent(room, data, author, ts) VALUES ('broken', x'ffffffff', 'x', 0)")
     before = _rows(db)
     srv2 = await server_factory(data_dir=tmp_path / "f", port=srv.port)
     bad = YClient(srv2.url, "broken")
@@ -98,4 +98,5 @@ async def test_room_that_fails_to_load_refuses_joiners_with_1013_and_its_data_st
 
 def _rows(db) -> list:
     with sqlite3.connect(db) as conn:
-        return conn.execute("SELECT id, data FROM updates WHERE room='broken' ORDER BY id").fetchall()
+        return conn.execute("SELECT id, data FROM updates WHERE room='broken' UNION ALL "
+                            "SELECT id, data FROM recent WHERE room='broken' ORDER BY id").fetchall()

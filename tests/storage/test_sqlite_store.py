@@ -14,6 +14,7 @@ import pycrdt
 import pytest
 
 from storage import PostgresStore, SQLiteStore, StoreClosed, StoreError, open_store
+import storage.sqlite as storage_sqlite
 from storage.sqlite import MIGRATIONS, SCHEMA_VERSION
 from servers import wait_until
 
@@ -350,7 +351,7 @@ async def test_a_batch_compaction_and_meta_are_one_hop_each(opened, monkeypatch:
 async def test_a_failed_batch_is_rolled_back_whole_and_the_writer_carries_on(opened) -> None:
     store = await opened()
     with sqlite3.connect(store.path) as db:  # the database refuses some rows half-way through
-        db.execute("CREATE TRIGGER refuse BEFORE INSERT ON updates WHEN NEW.room = 'bad' "
+        db.execute("CREATE TRIGGER refuse BEFORE INSERT ON recent WHEN NEW.room = 'bad' "
                    "BEGIN SELECT RAISE(ABORT, 'refused'); END")
     async with store._write_lock:  # the writer is busy meanwhile: both appends form one batch
         appends = asyncio.gather(
@@ -363,6 +364,7 @@ async def test_a_failed_batch_is_rolled_back_whole_and_the_writer_carries_on(ope
     assert all(isinstance(r, StoreError) for r in results), results
     assert "refused" in str(results[0])
     with sqlite3.connect(store.path) as probe:
+        assert probe.execute("SELECT count(*) FROM recent").fetchone() == (0,)
         assert probe.execute("SELECT count(*) FROM updates").fetchone() == (0,)
         assert probe.execute("SELECT count(*) FROM rooms").fetchone() == (0,)
         assert not probe.in_transaction
@@ -452,3 +454,81 @@ async def test_append_rows_stores_several_rooms_in_one_commit_or_nothing(opened)
     with pytest.raises(ValueError):
         await store.append_rows([("a", update_of("a3"), None), ("b", b"", None)])
     assert len(await store.history("a")) == 2 and store.commits == 1
+
+
+# -- recent rows: appends land in an unindexed table and move to ``updates`` in bulk -------------
+
+
+def _table_counts(path: Path) -> tuple[int, int]:
+    with sqlite3.connect(path) as probe:
+        recent = probe.execute("SELECT count(*) FROM recent").fetchone()[0]
+        updates = probe.execute("SELECT count(*) FROM updates").fetchone()[0]
+    return recent, updates
+
+
+async def test_recent_rows_move_in_bulk_and_every_read_sees_them_the_same(
+        opened, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(storage_sqlite, "MERGE_ROWS", 5)
+    store = await opened()
+    a = [update_of(f"a{n}") for n in range(4)]
+    b = [update_of(f"b{n}") for n in range(4)]
+    ids = await store.append_many("a", [(u, "x") for u in a[:3]])
+    assert _table_counts(store.path) == (3, 0)  # below the count: only ``recent`` written
+    ids += await store.append_many("b", [(u, "y") for u in b[:3]])
+    # The batch that reached 5 rows is reported first, then everything moves in one transaction.
+    await wait_until(lambda: _table_counts(store.path) == (0, 6), what="the move")
+    ids += await store.append_many("a", [(a[3], "x")])
+    assert _table_counts(store.path) == (1, 6)  # one room's rows now in both tables
+    assert ids == sorted(ids) and len(set(ids)) == 7
+
+    history = await store.history("a")
+    assert [(r.id, r.data, r.author) for r in history] == list(zip(ids[:3] + ids[6:], a, "xxxx"))
+    assert [r.id for r in await store.history("a", after_id=ids[1], limit=2)] == [ids[2], ids[6]]
+    assert [r.id for r in await store.history("a", before_id=ids[6])] == ids[:3]
+    assert (await store.load("a")).updates == a
+
+    await store.close()  # ids go on from both tables' rows after a restart
+    store = await opened()
+    later = await store.append("b", b[3])
+    assert later > ids[-1]
+    assert [r.id for r in await store.history("b")] == ids[3:6] + [later]
+    assert (await store.load("b")).updates == b
+
+
+@pytest.mark.parametrize("keep", [2, 4])
+async def test_compaction_prunes_rows_still_in_recent(opened, monkeypatch: pytest.MonkeyPatch, keep: int) -> None:
+    """history_keep counts the newest rows across both tables (the newest are in ``recent``)."""
+    monkeypatch.setattr(storage_sqlite, "MERGE_ROWS", 6)
+    store = await opened(history_keep=keep)
+    doc = pycrdt.Doc()
+    text = doc.get("t", type=pycrdt.Text)
+    typed = []
+    for n in range(9):  # one writer typing: each update follows the previous one
+        before = doc.get_state()
+        text += f"u{n}"
+        typed.append((doc.get_update(before), "a"))
+    ids = await store.append_many("r", typed[:3])
+    ids += await store.append_many("r", typed[3:6])
+    await wait_until(lambda: _table_counts(store.path) == (0, 6), what="the move")
+    ids += await store.append_many("r", typed[6:])
+    assert _table_counts(store.path) == (3, 6)
+    assert await store.compact("r")
+    assert [r.id for r in await store.history("r")] == ids[-keep:]
+    assert _table_counts(store.path) == (min(keep, 3), max(0, keep - 3))
+    state = await store.load("r")
+    assert state.updates == [] and text_of_store_state(state.snapshot, []) == "".join(f"u{n}" for n in range(9))
+
+
+async def test_a_version_3_file_gets_recent_and_its_ids_go_on(opened, tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / "collab.db") as db:  # as the previous release left it
+        for version in (1, 2, 3):
+            for statement in MIGRATIONS[version]:
+                db.execute(statement)
+        db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        db.execute("INSERT INTO schema_version VALUES (3)")
+        db.execute("INSERT INTO updates (id, room, data, author, ts) VALUES (41, 'r', ?, 'old', 1.0)",
+                   (update_of("old"),))
+        db.execute("DELETE FROM updates")  # pruned: the sequence still remembers 41
+        db.execute("INSERT INTO rooms VALUES ('r', 1.0)")
+    store = await opened()
+    assert await store.append("r", update_of("new")) == 42
