@@ -31,8 +31,8 @@ Theory of operation
   ending its own transaction (COMMIT, or ROLLBACK on any error) before it returns. The connection's
   lock is held meanwhile, so nothing else runs on that connection in between.
 * Ids: ``INTEGER PRIMARY KEY AUTOINCREMENT`` (of ``recent``, which took over the sequence of
-  ``updates`` in the migration; moved rows keep their ids) never hands out an id again, even after pruning deleted
-  the newest rows (``history_keep=0``), so a room's ids only grow and "tail = rows with id >
+  ``updates`` in the migration; moved rows keep their ids) never hands out an id again, even
+  after pruning deleted the newest rows (``history_keep=0``), so a room's ids only grow and "tail = rows with id >
   snapshot.upto_id" holds across restarts. With the write lock held, the rows of one transaction get consecutive ids that end at
   the last INSERT's ``lastrowid``.
 * Compaction is optimistic: read snapshot + tail (one read transaction), fold them outside any
@@ -322,7 +322,7 @@ class SQLiteStore(GroupCommitStore):
         async with self._write_lock:
             db = await self._writable()
             last_id = await _in_thread(db, _insert_batch, rows, sorted(new_rooms), time.time())
-            if merge:
+            if merge:  # this path is rare (the writer was busy): its batch waits for the move too
                 await _in_thread(db, _merge_quietly, self.path)
         return self._written_ids(batch, new_rooms, last_id)
 
@@ -850,20 +850,19 @@ def _insert_batch(
     return int(last_id)
 
 
-def _merge_recent(conn: sqlite3.Connection) -> int:
-    """Move every row of ``recent`` to ``updates``, in one transaction; how many were moved."""
+def _merge_recent(conn: sqlite3.Connection) -> None:
+    """Move every row of ``recent`` to ``updates``, in one transaction."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        moved = conn.execute(
+        conn.execute(
             "INSERT INTO updates (id, room, data, author, ts) "
             "SELECT id, room, data, author, ts FROM recent ORDER BY id"
-        ).rowcount
+        )
         conn.execute("DELETE FROM recent")
         conn.execute("COMMIT")
     except BaseException:
         _rollback_sync(conn)
         raise
-    return moved
 
 
 def _merge_quietly(conn: sqlite3.Connection, path: Path) -> None:
