@@ -112,17 +112,20 @@ from .groupcommit import (
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
-MIGRATIONS: dict[int, tuple[str, ...]] = {
-    1: (
-        # AUTOINCREMENT: ids are never reused (see theory of operation).
-        """CREATE TABLE updates (
+# The update log's columns: ``updates`` (indexed by room) and ``recent`` (new rows, no index).
+_LOG_TABLE = """CREATE TABLE {name} (
                id     INTEGER PRIMARY KEY AUTOINCREMENT,
                room   TEXT NOT NULL,
                data   BLOB NOT NULL,
                author TEXT,
                ts     REAL NOT NULL
-           )""",
+           )"""
+
+SCHEMA_VERSION = 4
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        # AUTOINCREMENT: ids are never reused (see theory of operation).
+        _LOG_TABLE.format(name="updates"),
         "CREATE INDEX updates_by_room ON updates (room, id)",
         """CREATE TABLE snapshots (
                room       TEXT PRIMARY KEY,
@@ -179,13 +182,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         # New rows land here, in id order, with no index: a commit writes one or two table pages
         # instead of an index page per room. The writer moves them to ``updates`` in bulk (see
         # "Recent rows" in the theory of operation). Its ids carry on from those of updates.
-        """CREATE TABLE recent (
-               id     INTEGER PRIMARY KEY AUTOINCREMENT,
-               room   TEXT NOT NULL,
-               data   BLOB NOT NULL,
-               author TEXT,
-               ts     REAL NOT NULL
-           )""",
+        _LOG_TABLE.format(name="recent"),  # the same columns as updates
         "INSERT INTO sqlite_sequence (name, seq) SELECT 'recent', seq FROM sqlite_sequence WHERE name = 'updates'",
     ),
 }
