@@ -21,7 +21,8 @@ A backend subclasses ``GroupCommitStore`` and supplies ``_open_backend`` / ``_cl
   CPU). Light load (batches of one or two) is never delayed, nor is an append after a quiet
   spell or a batch of ``PACE_BELOW`` or more.
 * Backpressure: appends wait (before queueing) while ``max_pending`` updates or ``max_pending_bytes``
-  are queued or being written, so a slow database slows producers instead of growing memory.
+  are queued or being written, so a slow database slows producers instead of growing memory. An
+  ``append_rows`` of more than that starts writing its first rows before it waits for room.
 * A batch whose transaction fails fails every append in it with StoreError (cause chained); the
   flusher carries on with the next batch, the backend reconnecting as needed. If the flusher itself
   ever stops, everything waiting fails and ``ping`` reports it.
@@ -215,6 +216,10 @@ class GroupCommitStore(Store):
         group = _Group(asyncio.get_running_loop().create_future(), len(rows))
         for index, (room, update, author) in enumerate(rows):
             while not self._has_room_for(len(update)):
+                # Room comes only from writing what is queued -- this call's rows included, which
+                # nothing else would start (a round after a slow commit can hold more updates
+                # than max_pending: without this it waited for room forever).
+                self._kick()
                 await self._progress.wait()
                 self._check_open()
             self._pending.append(Pending(room, update, author, stamp, None, group, index))

@@ -13,7 +13,7 @@ import sqlite3
 import pycrdt
 
 from clients import YClient
-from servers import InProcessServer
+from servers import InProcessServer, wait_until
 from storage import SQLiteStore
 
 
@@ -55,3 +55,37 @@ async def test_a_failed_commit_closes_only_its_rooms_and_nothing_unstored_is_rel
         finally:
             for client in (writer, watcher, bystander, bystander_peer):
                 await client.close()
+
+
+async def test_a_commit_stalled_longer_than_the_backlog_bound_then_catches_up(tmp_path):
+    """A commit that waits on the disk (here: another process holds the database, within the
+    busy timeout) while editing goes on: the next round holds more updates than the store lets
+    be in flight at once (``max_pending``). It is written in steps, and every edit is relayed
+    and stored -- the server does not stop committing (it did: the round waited for room that
+    only its own, never started, rows could make)."""
+    store = SQLiteStore(tmp_path / "collab.db", busy_timeout=30, max_pending=4)
+    async with InProcessServer(tmp_path, store=store) as srv:
+        writer = await YClient(srv.url, "stalled").connect()
+        watcher = await YClient(srv.url, "stalled").connect()
+        try:
+            text = writer.doc.get("text", type=pycrdt.Text)
+            text.insert(0, "a")
+            await watcher.wait_for(lambda: watcher.text() == "a", timeout=10, what="first edit")
+            received = srv.hub.metrics.updates_in
+            lock = sqlite3.connect(tmp_path / "collab.db", timeout=0)
+            lock.execute("BEGIN EXCLUSIVE")  # the disk stalls
+            try:
+                before = received.value
+                for n in range(40):
+                    text.insert(len(str(text)), str(n % 10))
+                await wait_until(lambda: received.value >= before + 40, timeout=10, what="40 edits received")
+                assert watcher.text() == "a"  # nothing relayed before it is stored
+            finally:
+                lock.rollback()
+                lock.close()
+            expected = str(text)
+            await watcher.wait_for(lambda: watcher.text() == expected, timeout=20, what="every edit relayed")
+        finally:
+            await writer.close()
+            await watcher.close()
+        assert len(await store.history("stalled")) == 41

@@ -629,3 +629,17 @@ async def test_append_many_is_durable_in_order_with_authors(store):
     for u in state.updates:
         fresh.apply_update(u)
     assert str(fresh.get("text", type=pycrdt.Text)) == str(text)
+
+
+async def test_one_call_with_more_rows_than_the_backpressure_bound_is_written(open_new) -> None:
+    """The hub hands a whole round to one ``append_rows``; after a slow commit (a stalled disk,
+    a busy host) that round can hold more updates than ``max_pending`` allows in flight. The
+    call must write what it queued to make room for the rest, not wait for room forever."""
+    store = await open_new(max_pending=7)
+    writer = Writer("w")
+    rows = [(f"room-{n % 3}", writer.insert_token(), "u") for n in range(50)]
+    ids = await asyncio.wait_for(store.append_rows(rows), timeout=20)
+    assert ids == sorted(ids) and len(set(ids)) == 50
+    stored = [row for room in ("room-0", "room-1", "room-2") for row in await store.history(room)]
+    assert sorted(r.id for r in stored) == ids
+    assert store.commits >= 50 // 7  # never more than 7 queued or being written
