@@ -19,7 +19,8 @@ Theory of operation
   the room's live document whenever a message is served, so a comment follows its text. The HTTP
   history resolves against the live room if loaded here, else against the stored document.
 * Mentions: ``@<user id>`` or ``@<display name>`` (case-insensitive, longest match) of a user known
-  in the room — anyone who ever joined it. Known users are stored on join (``chat_put_user``).
+  in the room — anyone who ever joined it. Known users are stored on join, batched: every
+  joiner queued meanwhile in one transaction (``chat_put_users``), not a commit per join.
 * Permissions: anyone who may open the room may read and send (viewers included: comment-only
   reviewers); authors edit their own messages; authors and ``MODERATOR_ROLES`` delete any.
 * Typing indicators are not chat messages: clients put ``{"chat": {"typing": true}}`` in their
@@ -28,6 +29,7 @@ Theory of operation
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -73,6 +75,7 @@ MAX_EMOJI_CHARS: Final = 32
 MAX_ANCHOR_BYTES: Final = 4096
 MAX_BUCKETS: Final = 100_000  # users with a rate bucket on this node before idle ones are dropped
 KNOWN_USERS_CACHE: Final = 100_000  # (room, user, name) known to be stored already
+MAX_UNSAVED_USERS: Final = 10_000  # joiners waiting to be stored as known users (one transaction)
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _POSITION_FIELDS = frozenset({"type", "tname", "item", "assoc"})
@@ -260,6 +263,11 @@ class ChatService(Service):
         self._queues: dict[Connection, deque[tuple[Room, dict[str, Any]]]] = {}
         self._buckets: dict[str, _Bucket] = {}
         self._known: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+        # Joiners not yet stored as known users: room -> user id -> name, written in batches by
+        # one task (``_save_users``), never one transaction per join (see ``_remember``).
+        self._unsaved: dict[str, dict[str, str]] = {}
+        self._unsaved_count = 0
+        self._saver: asyncio.Task[None] | None = None
 
     async def start(self, hub: Hub) -> None:
         self._hub = hub
@@ -277,22 +285,50 @@ class ChatService(Service):
         if self._hub is not None and self._hub.running:
             self._hub.spawn(self._welcome(room, conn), what="chat join")
 
+    def _remember(self, room: str, identity: Identity) -> None:
+        """Store ``identity`` as a known user of ``room`` (for @mentions), soon and in a batch.
+
+        One write transaction per join cost a commit each, in line with the document's group
+        commits: 1,000 clients reconnecting after a restart held every document edit back for
+        2.5 s. Now joins queue here and one task writes all that queued in one transaction, then
+        what queued meanwhile. Until stored, ``_users`` counts them from here (and from the room's
+        members). Bounded: past ``MAX_UNSAVED_USERS`` waiting, a joiner is not queued (its next
+        join tries again; while it is a member, mentions find it anyway)."""
+        if (room, identity.user_id, identity.name) in self._known:
+            return
+        users = self._unsaved.setdefault(room, {})
+        if identity.user_id not in users:
+            if self._unsaved_count >= MAX_UNSAVED_USERS:
+                if not users:
+                    del self._unsaved[room]
+                return
+            self._unsaved_count += 1
+        users[identity.user_id] = identity.name
+        if (self._saver is None or self._saver.done()) and self._hub is not None and self._hub.running:
+            self._saver = self._hub.spawn(self._save_users(), what="chat known users")
+
+    async def _save_users(self) -> None:
+        assert self._hub is not None
+        while self._unsaved:
+            batch, self._unsaved, self._unsaved_count = self._unsaved, {}, 0
+            entries = [(room, user, name) for room, users in batch.items() for user, name in users.items()]
+            try:
+                await self._hub.store.chat_put_users(entries)
+            except Exception:  # noqa: BLE001 - mentions of them may miss; their next join retries
+                log.exception("storing known chat users failed", users=len(entries))
+                continue
+            for entry in entries:
+                self._known[entry] = None
+            while len(self._known) > KNOWN_USERS_CACHE:
+                self._known.popitem(last=False)
+
     def on_leave(self, room: Room, conn: Connection) -> None:
         queue = self._queues.get(conn)
         if queue is not None:
             queue.clear()
 
     async def _welcome(self, room: Room, conn: Connection) -> None:
-        identity = conn.identity
-        key = (room.name, identity.user_id, identity.name)
-        if key not in self._known:
-            try:
-                await room.store.chat_put_user(room.name, identity.user_id, identity.name)
-                self._known[key] = None
-                if len(self._known) > KNOWN_USERS_CACHE:
-                    self._known.popitem(last=False)
-            except Exception:  # noqa: BLE001 - mentions of this user may miss; history still goes out
-                log.exception("storing a known chat user failed", room=room.name)
+        self._remember(room.name, conn.identity)
         limit = self.settings.history_on_join
         if limit <= 0 or conn.closing:
             return
@@ -461,7 +497,8 @@ class ChatService(Service):
 
     async def _users(self, room: Room) -> dict[str, str]:
         users = await room.store.chat_users(room.name)
-        for member in room.members:  # joined moments ago: maybe not stored yet
+        users.update(self._unsaved.get(room.name, ()))  # joined moments ago: not stored yet
+        for member in room.members:
             users.setdefault(member.identity.user_id, member.identity.name)
         return users
 

@@ -47,6 +47,7 @@ import abc
 import asyncio
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -237,9 +238,14 @@ class Store(abc.ABC):
     async def chat_mark_read(self, user: str, room: str, upto: str) -> int:
         """Mark ``user``'s mentions in ``room`` with message id <= ``upto`` read; returns how many."""
 
-    @abc.abstractmethod
     async def chat_put_user(self, room: str, user: str, name: str) -> None:
         """Remember ``user`` (display ``name``) as known in ``room`` (for resolving @mentions)."""
+        await self.chat_put_users([(room, user, name)])
+
+    @abc.abstractmethod
+    async def chat_put_users(self, users: Sequence[tuple[str, str, str]]) -> None:
+        """``chat_put_user`` for each (room, user, name), in one transaction (all or none); the
+        last entry for a (room, user) wins. Every entry is checked before anything is written."""
 
     @abc.abstractmethod
     async def chat_users(self, room: str) -> dict[str, str]:

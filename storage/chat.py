@@ -20,6 +20,8 @@ its own -- never inside a CRDT document. Every backend implements the ``chat_*``
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +37,7 @@ MAX_CHAT_EMOJI_BYTES = 64
 MAX_CHAT_MENTIONS = 50  # users one message may mention
 MAX_CHAT_REACTIONS = 64  # distinct emoji on one message
 MAX_CHAT_LIMIT = 1000  # one history / mentions page
+MAX_CHAT_PUT_USERS = 10_000  # known users one ``chat_put_users`` call may write
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,19 @@ def check_user(user: str, name: str | None = None) -> None:
     _check_text("user id", user, MAX_AUTHOR_BYTES)
     if name is not None:
         _check_text("user name", name, MAX_CHAT_NAME_BYTES)
+
+
+def checked_users(users: Sequence[tuple[str, str, str]]) -> list[tuple[str, str, str, float]]:
+    """``chat_put_users``'s entries checked, as rows (room, user id, name, last seen now)."""
+    if len(users) > MAX_CHAT_PUT_USERS:
+        raise ValueError(f"at most {MAX_CHAT_PUT_USERS} users per call, not {len(users)}")
+    now = time.time()
+    rows = []
+    for room, user, name in users:
+        check_room(room)
+        check_user(user, name)
+        rows.append((room, user, name, now))
+    return rows
 
 
 def toggle_reaction(reactions: dict[str, tuple[str, ...]], emoji: str, user: str) -> dict[str, tuple[str, ...]]:

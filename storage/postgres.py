@@ -49,7 +49,7 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
@@ -83,6 +83,7 @@ from .chat import (
     check_limit,
     check_mentions,
     check_user,
+    checked_users,
     dump_mentions,
     dump_reactions,
     from_row,
@@ -725,17 +726,18 @@ class PostgresStore(GroupCommitStore):
 
         return await self._chat_write("mark read", write)
 
-    async def chat_put_user(self, room: str, user: str, name: str) -> None:
-        check_room(room)
-        check_user(user, name)
+    async def chat_put_users(self, users: Sequence[tuple[str, str, str]]) -> None:
+        rows = checked_users(users)
+        if not rows:
+            return
 
         async def write(conn: asyncpg.Connection) -> None:
-            await conn.execute(
+            await conn.executemany(
                 "INSERT INTO chat_users (room, user_id, name, last_seen) VALUES ($1, $2, $3, $4)"
                 " ON CONFLICT (room, user_id) DO UPDATE SET name = excluded.name, last_seen = excluded.last_seen",
-                room, user, name, time.time())
+                rows)
 
-        await self._chat_write("put user", write)
+        await self._chat_write("put users", write)
 
     async def chat_users(self, room: str) -> dict[str, str]:
         check_room(room)

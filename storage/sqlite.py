@@ -62,7 +62,7 @@ import sqlite3
 import time
 from os import PathLike
 from pathlib import Path
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal, TypeVar
 
 import aiosqlite
@@ -96,6 +96,7 @@ from .chat import (
     check_limit,
     check_mentions,
     check_user,
+    checked_users,
     dump_mentions,
     dump_reactions,
     from_row,
@@ -672,17 +673,18 @@ class SQLiteStore(GroupCommitStore):
 
         return await self._chat_write("mark read", write)
 
-    async def chat_put_user(self, room: str, user: str, name: str) -> None:
-        check_room(room)
-        check_user(user, name)
+    async def chat_put_users(self, users: Sequence[tuple[str, str, str]]) -> None:
+        rows = checked_users(users)
+        if not rows:
+            return
 
         async def write(db: aiosqlite.Connection) -> None:
-            await db.execute(
+            await db.executemany(
                 "INSERT INTO chat_users (room, user_id, name, last_seen) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (room, user_id) DO UPDATE SET name = excluded.name, last_seen = excluded.last_seen",
-                (room, user, name, time.time()))
+                rows)
 
-        await self._chat_write("put user", write)
+        await self._chat_write("put users", write)
 
     async def chat_users(self, room: str) -> dict[str, str]:
         check_room(room)

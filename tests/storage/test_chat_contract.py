@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from storage import Store, open_store
-from storage.chat import MAX_CHAT_REACTIONS, ChatMessage
+from storage.chat import MAX_CHAT_PUT_USERS, MAX_CHAT_REACTIONS, ChatMessage
 from storage.sqlite import MIGRATIONS
 
 
@@ -143,6 +143,18 @@ async def test_known_users_are_remembered_per_room_with_their_latest_name(store:
     await store.chat_put_user("other", "u3", "Cleo")
     assert await store.chat_users("r") == {"u1": "Ada L.", "u2": "Bob"}
     assert await store.chat_users("nobody") == {}
+
+
+async def test_known_users_are_written_in_batches_all_or_nothing(store: Store) -> None:
+    await store.chat_put_users([("r", "u1", "Ada"), ("r", "u2", "Bob"), ("s", "u1", "Ada"), ("r", "u1", "Ada L.")])
+    assert await store.chat_users("r") == {"u1": "Ada L.", "u2": "Bob"}  # the last entry wins
+    assert await store.chat_users("s") == {"u1": "Ada"}
+    await store.chat_put_users([])
+    for bad in ([("t", "u3", "Cleo"), ("t", "", "nobody")], [("t", "u3", "Cleo"), ("", "u4", "Dan")],
+                [("t", f"u{n}", "x") for n in range(MAX_CHAT_PUT_USERS + 1)]):
+        with pytest.raises(ValueError):
+            await store.chat_put_users(bad)
+        assert await store.chat_users("t") == {}  # checked before anything is written
 
 
 async def test_chat_survives_reopening(store: Store, open_new) -> None:
