@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 * Two aiosqlite connections: the writer (used by group commits and by compaction's short write
   transaction, serialized by ``_write_lock`` and its thread's queue) and the reader (``load``,
-  ``history``, ``rooms``, serialized by ``_read_lock``). WAL lets the reader and other processes read while a write is in
+  ``history``, ``rooms``, chat reads: queued straight onto its thread, see ``_Reading``). WAL lets the reader and other processes read while a write is in
   flight; ``busy_timeout`` makes writers of different processes queue for the file's single write lock.
   Every write transaction takes the write lock up front (``BEGIN IMMEDIATE``, or a single write
   statement in autocommit, which takes it at its start), so it waits on the busy handler instead
@@ -450,17 +450,8 @@ class SQLiteStore(GroupCommitStore):
 
     async def rooms(self, prefix: str = "") -> list[str]:
         check_prefix(prefix)
-        names: list[str] = []
         async with self._reading() as db:
-            # BINARY collation orders UTF-8 by code point, so names with the prefix are contiguous.
-            async with db.execute(
-                "SELECT name FROM rooms WHERE name >= ? ORDER BY name", (prefix,)
-            ) as cursor:
-                async for (name,) in cursor:
-                    if not name.startswith(prefix):
-                        break
-                    names.append(name)
-        return names
+            return await _in_thread(db, _room_names, prefix)
 
     async def ping(self) -> None:
         async with self._reading() as db:
@@ -735,38 +726,45 @@ class _ChatConflict(Exception):
 
 
 class _Reading:
-    """``async with`` the reader connection: serialized, errors become StoreError."""
+    """``async with`` the reader connection; errors become StoreError.
+
+    Reads are not serialized here: each is one call (or, for ``rooms``, a cursor's calls) on the
+    connection's own queue, which its thread runs back to back. A lock held across each read
+    made every read wait for the one before it to come back to the event loop and hand the lock
+    on -- two loop iterations per read: 1,000 clients joining at once (a room load and a chat
+    history read each) waited ~600 ms for their first sync on a busy loop. ``_read_lock`` now
+    only makes one task at a time check or reconnect the connection after a failed read."""
 
     def __init__(self, store: SQLiteStore) -> None:
         self._store = store
 
     async def __aenter__(self) -> aiosqlite.Connection:
         store = self._store
-        await store._read_lock.acquire()
-        try:
-            if store._state != "open":
-                raise StoreClosed(f"{store!r} is not open")
-            if store._reader is not None and store._reader_suspect:
-                try:  # the last read failed: is the connection still usable?
-                    await store._reader.execute_fetchall("SELECT 1")
-                except Exception:
-                    log.warning("reconnecting the SQLite reader of %s", store.path)
-                    broken, store._reader = store._reader, None
-                    await _close_quietly(broken)
-            if store._reader is None:
-                store._reader = await store._connect(read_only=True)
-            store._reader_suspect = False
-            return store._reader
-        except (sqlite3.Error, ValueError, OSError) as exc:
-            store._read_lock.release()
-            raise StoreError(f"SQLite reader unavailable: {exc}") from exc
-        except BaseException:
-            store._read_lock.release()
-            raise
+        if store._state != "open":
+            raise StoreClosed(f"{store!r} is not open")
+        reader = store._reader
+        if reader is not None and not store._reader_suspect:
+            return reader
+        async with store._read_lock:
+            try:
+                if store._state != "open":
+                    raise StoreClosed(f"{store!r} is not open")
+                if store._reader is not None and store._reader_suspect:
+                    try:  # the last read failed: is the connection still usable?
+                        await store._reader.execute_fetchall("SELECT 1")
+                    except Exception:
+                        log.warning("reconnecting the SQLite reader of %s", store.path)
+                        broken, store._reader = store._reader, None
+                        await _close_quietly(broken)
+                if store._reader is None:
+                    store._reader = await store._connect(read_only=True)
+                store._reader_suspect = False
+                return store._reader
+            except (sqlite3.Error, ValueError, OSError) as exc:
+                raise StoreError(f"SQLite reader unavailable: {exc}") from exc
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         store = self._store
-        store._read_lock.release()
         # aiosqlite raises ValueError for a closed connection (UnicodeError: a bad argument).
         if isinstance(exc, (sqlite3.Error, ValueError)) and not isinstance(exc, UnicodeError):
             store._reader_suspect = True
@@ -778,8 +776,9 @@ class _Reading:
 # Every aiosqlite await is a hop to the connection's thread and a wakeup of the event loop on the way
 # back; a transaction of five statements paid for ten. These run a whole transaction as one plain
 # function on the connection's thread (``_in_thread``): one hop, and the sqlite3 calls release the
-# GIL while SQLite works. The caller holds the connection's lock (``_write_lock`` / ``_read_lock``),
-# so nothing else is queued on it in between; each function ends its own transaction, also on error.
+# GIL while SQLite works. A writer holds ``_write_lock``, so nothing else is queued on the writer in
+# between; reads interleave on the reader's queue, each call a whole read of its own (a transaction
+# opened and ended in the call). Each function ends its own transaction, also on error.
 
 
 async def _in_thread(db: aiosqlite.Connection, fn: Callable[..., T], *args: Any) -> T:
@@ -871,6 +870,18 @@ def _merge_quietly(conn: sqlite3.Connection, path: Path) -> None:
         _merge_recent(conn)
     except Exception as exc:  # noqa: BLE001 - nothing is lost; the next merge tries again
         log.warning("moving recent rows of %s failed: %r", path, exc)
+
+
+def _room_names(conn: sqlite3.Connection, prefix: str) -> list[str]:
+    """Names of rooms starting with ``prefix``, in one call: reads share the reader's queue, and
+    a cursor stepped across several calls could be aborted by another read's ROLLBACK."""
+    names: list[str] = []
+    # BINARY collation orders UTF-8 by code point, so names with the prefix are contiguous.
+    for (name,) in conn.execute("SELECT name FROM rooms WHERE name >= ? ORDER BY name", (prefix,)):
+        if not name.startswith(prefix):
+            break
+        names.append(name)
+    return names
 
 
 def _read_room(conn: sqlite3.Connection, room: str) -> tuple[bytes | None, int, list[tuple[int, bytes]]]:
