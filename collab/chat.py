@@ -50,6 +50,7 @@ from collab.logs import get_logger
 from collab.services import Service
 from presence.cursors import Resolver
 from storage import ChatMessage
+from storage.chat import MAX_CHAT_PUT_USERS
 
 if TYPE_CHECKING:
     from collab.bus import BusMessage
@@ -75,7 +76,7 @@ MAX_EMOJI_CHARS: Final = 32
 MAX_ANCHOR_BYTES: Final = 4096
 MAX_BUCKETS: Final = 100_000  # users with a rate bucket on this node before idle ones are dropped
 KNOWN_USERS_CACHE: Final = 100_000  # (room, user, name) known to be stored already
-MAX_UNSAVED_USERS: Final = 10_000  # joiners waiting to be stored as known users (one transaction)
+MAX_UNSAVED_USERS: Final = MAX_CHAT_PUT_USERS  # joiners waiting to be stored as known users (one write)
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _POSITION_FIELDS = frozenset({"type", "tname", "item", "assoc"})
