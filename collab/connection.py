@@ -45,34 +45,47 @@ class ConnectionLimits:
     rate_limit: float
     rate_burst: int
     max_inflight: int
+    max_inflight_bytes: int
 
 
 class InflightLimit:
-    """At most ``limit`` updates of one connection awaiting commit. ``try_acquire`` for the
-    synchronous path; ``acquire`` for the reader task, the only one that ever waits — and while
-    it waits, ``try_acquire`` refuses: the waiting update was received first."""
+    """At most ``limit`` updates and ``limit_bytes`` bytes of one connection awaiting commit (one
+    update bigger than ``limit_bytes`` passes alone). ``try_acquire`` for the synchronous path;
+    ``acquire`` for the reader task, the only one that ever waits -- and while it waits,
+    ``try_acquire`` refuses: the waiting update was received first.
 
-    __slots__ = ("limit", "count", "_released", "_waiting")
+    Both bounds: the count alone let a connection hold 256 updates of up to ``max_frame_bytes``
+    each (4 GiB), yet throttled a client sending small updates fast (a bulk import) to 256 per
+    commit cycle -- 71-79% of pycrdt's in-process rate in the automerge-paper replay, 100-106%
+    with room for 1,024."""
 
-    def __init__(self, limit: int) -> None:
+    __slots__ = ("limit", "limit_bytes", "count", "bytes", "_released", "_waiting")
+
+    def __init__(self, limit: int, limit_bytes: int) -> None:
         self.limit = limit
+        self.limit_bytes = limit_bytes
         self.count = 0
+        self.bytes = 0
         self._released: asyncio.Event | None = None
         self._waiting = False
 
-    def try_acquire(self) -> bool:
-        if self.count < self.limit and not self._waiting:
-            self.count += 1
-            return True
-        return False
+    def try_acquire(self, size: int) -> bool:
+        if self._waiting or self.count >= self.limit:
+            return False
+        if self.count and self.bytes + size > self.limit_bytes:
+            return False
+        self.count += 1
+        self.bytes += size
+        return True
 
-    async def acquire(self) -> None:
-        """Wait until at most half the bound is in flight (not just one slot): a client that
-        outruns storage then goes back to the fast path for a run of updates, instead of
+    async def acquire(self, size: int) -> None:
+        """Wait until at most half of each bound is in flight (not just room for one): a client
+        that outruns storage then goes back to the fast path for a run of updates, instead of
         trickling through this task one update per commit."""
         self._waiting = True
         try:
-            while self.count > self.limit // 2:
+            while self.count and (self.count > self.limit // 2 or self.bytes > self.limit_bytes // 2
+                                  or self.bytes + size > self.limit_bytes):
                 if self._released is None:
                     self._released = asyncio.Event()
                 self._released.clear()
@@ -80,9 +93,11 @@ class InflightLimit:
         finally:
             self._waiting = False
         self.count += 1
+        self.bytes += size
 
-    def release(self) -> None:
+    def release(self, size: int) -> None:
         self.count -= 1
+        self.bytes -= size
         if self._released is not None:
             self._released.set()
 
@@ -102,7 +117,7 @@ class Connection:
         self.last_sent = now
         self.last_received = now
         self.bucket = TokenBucket(limits.rate_limit, limits.rate_burst, now)
-        self.inflight = InflightLimit(limits.max_inflight)
+        self.inflight = InflightLimit(limits.max_inflight, limits.max_inflight_bytes)
         self.told_read_only = False
         self.peer_closed = False
         self.close_code: int | None = None

@@ -16,8 +16,9 @@ Theory of operation
 * If storage fails, the in-memory Doc is ahead of storage. The room is then *poisoned*: every
   member is closed with 1013 and the room is unloaded; on reconnect the room reloads from storage
   and the clients' own sync step 2 re-sends what was lost. Nothing undurable is ever relayed.
-* Each client connection can have at most ``max_inflight`` updates awaiting commit; past that its
-  reader pauses (TCP backpressure) — a flood cannot queue unbounded work.
+* Each client connection can have at most ``max_inflight`` updates and ``max_inflight_bytes``
+  awaiting commit; past that its reader pauses (TCP backpressure) — a flood cannot queue
+  unbounded work.
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ class Room:
                     conn.told_read_only = True
                     conn.send(protocol.encode_permission_denied("read-only: your edits are not saved"))
                 return True
-            if not conn.inflight.try_acquire():
+            if not conn.inflight.try_acquire(len(message.update)):
                 return False
             self._commit_from(conn, message.update)
         elif isinstance(message, SyncStep1):
@@ -203,7 +204,7 @@ class Room:
     async def handle_later(self, conn: Connection, message: Message) -> None:
         """What ``handle_now`` refused: wait for an in-flight slot, or for the service."""
         if isinstance(message, SyncUpdate | SyncStep2):
-            await conn.inflight.acquire()
+            await conn.inflight.acquire(len(message.update))
             self._commit_from(conn, message.update)
         elif isinstance(message, ExtensionMessage):
             await self._by_type[message.type].handle(self, conn, message)
@@ -213,7 +214,7 @@ class Room:
         try:
             self.commit(Origin.CLIENT, update, source=conn, author=conn.identity.user_id)
         except BaseException:
-            conn.inflight.release()
+            conn.inflight.release(len(update))
             raise
 
     def _broadcast(self, frame: bytes, exclude: Connection | None) -> None:
@@ -323,7 +324,7 @@ class Room:
             if item.effects.publish:
                 self.bus.publish(self.name, "update", item.update)
             if source is not None:
-                source.inflight.release()
+                source.inflight.release(len(item.update))
             self.metrics.relay_seconds.observe(time.perf_counter() - item.received)
         for member in touched:
             member.flush()  # each member's share of the batch in one write
@@ -339,7 +340,7 @@ class Room:
         self.poisoned = True
         for item in batch:
             if item.effects is not None and item.source is not None:
-                item.source.inflight.release()
+                item.source.inflight.release(len(item.update))
         for member in list(self.members):
             member.close(closecodes.TRY_AGAIN_LATER, "storage unavailable")
         self._queue.clear()

@@ -48,7 +48,11 @@ class Settings:
     outbox_max_frames: int = field(default=4096, metadata={"help": "frames queued to one client before close 1013"})
     rate_limit: float = field(default=300.0, metadata={"help": "messages per second per connection (sustained)"})
     rate_burst: int = field(default=3000, metadata={"help": "messages a connection may send in a burst"})
-    max_inflight: int = field(default=256, metadata={"help": "a connection's updates awaiting commit before its reads pause"})
+    max_inflight: int = field(default=1024, metadata={"help": "a connection's updates awaiting commit before its reads pause"})
+    max_inflight_bytes: int = field(
+        default=4 * 1024 * 1024,
+        metadata={"help": "bytes of a connection's updates awaiting commit before its reads pause (a bigger update passes alone)"},
+    )
     max_awareness_entries: int = field(default=64, metadata={"help": "entries in one awareness message"})
     max_awareness_state_bytes: int = field(default=64 * 1024, metadata={"help": "size of one awareness state"})
     max_client_ids: int = field(default=8, metadata={"help": "awareness clientIDs one connection may own"})
@@ -125,7 +129,7 @@ class Settings:
         check(self.ws_impl in ("websockets-sansio", "websockets", "wsproto"), "--ws-impl must be websockets-sansio, websockets or wsproto")
         check(1024 <= self.max_frame_bytes <= 1024**3, "--max-frame-bytes must be between 1 KiB and 1 GiB")
         check(self.outbox_max_bytes >= self.max_frame_bytes, "--outbox-max-bytes must be at least --max-frame-bytes")
-        for name in ("max_depth", "max_connections", "outbox_max_frames", "rate_burst", "max_inflight",
+        for name in ("max_depth", "max_connections", "outbox_max_frames", "rate_burst", "max_inflight", "max_inflight_bytes",
                      "max_awareness_entries", "max_awareness_state_bytes", "max_client_ids",
                      "compact_after_updates", "compact_after_bytes", "compactions_at_once", "turn_ttl", "signaling_max_topics",
                      "signaling_max_message_bytes", "signaling_burst", "signaling_max_bad_frames",

@@ -52,6 +52,7 @@ class WebsocketEndpoint:
         self.conn_limits = ConnectionLimits(
             outbox_max_bytes=s.outbox_max_bytes, outbox_max_frames=s.outbox_max_frames,
             rate_limit=s.rate_limit, rate_burst=s.rate_burst, max_inflight=s.max_inflight,
+            max_inflight_bytes=s.max_inflight_bytes,
         )
 
     async def __call__(self, scope, receive, send) -> None:  # ASGI app for the room route

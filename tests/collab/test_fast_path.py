@@ -6,11 +6,14 @@ and the plain uvicorn protocols (``--ws-impl websockets``) still work the slower
 
 from __future__ import annotations
 
+import asyncio
+
 import pycrdt
 import pytest
 
 from clients import YClient
 from collab import protocol
+from collab.connection import InflightLimit
 from collab.wsfast import frame_header, wire_frame, wire_payload
 
 LIMITS = protocol.Limits(max_frame_bytes=1 << 20, max_depth=64, max_awareness_entries=100,
@@ -73,10 +76,15 @@ async def test_every_frame_length_is_relayed_intact(server, size):
         await reader.wait_for(lambda: reader.text() == "y" * size, timeout=10, what=f"{size} chars")
 
 
-async def test_updates_past_the_inflight_bound_keep_their_order(server_factory):
-    # One update in flight per connection: a burst sent in one go mostly waits in the reader
-    # task, while the fast path keeps handling whatever it can — order must hold regardless.
-    srv = await server_factory(max_inflight=1)
+@pytest.mark.parametrize("bound", [
+    {"max_inflight": 1},  # one update in flight at a time
+    {"max_inflight_bytes": 60},  # a few updates' bytes in flight at a time
+    {"max_inflight_bytes": 1},  # every update is bigger than the bound: each passes alone
+])
+async def test_updates_past_the_inflight_bound_keep_their_order(server_factory, bound):
+    # A burst sent in one go mostly waits in the reader task, while the fast path keeps
+    # handling whatever it can — order must hold regardless, and nothing may wait forever.
+    srv = await server_factory(**bound)
     async with YClient(srv.url, "order") as writer, YClient(srv.url, "order") as reader:
         received: list[bytes] = []
         original = reader._handle
@@ -133,3 +141,30 @@ async def test_plain_uvicorn_protocol_still_serves_rooms(server_factory):
     async with YClient(srv.url, "plain") as a, YClient(srv.url, "plain") as b:
         a.doc.get("text", type=pycrdt.Text).insert(0, "over the writer task")
         await b.wait_for(lambda: b.text() == "over the writer task", timeout=10, what="relay")
+
+
+def test_the_inflight_bound_counts_updates_and_bytes():
+    limit = InflightLimit(4, 100)
+    assert limit.try_acquire(60) and limit.try_acquire(30)
+    assert not limit.try_acquire(20)  # 110 bytes would be over
+    assert limit.try_acquire(10) and limit.try_acquire(0)
+    assert not limit.try_acquire(0)  # 4 updates: the count bound
+    for size in (60, 30, 10, 0):
+        limit.release(size)
+    assert (limit.count, limit.bytes) == (0, 0)
+    assert limit.try_acquire(500)  # alone, an update over the byte bound still passes
+    assert not limit.try_acquire(1)
+    limit.release(500)
+
+
+async def test_a_waiting_update_goes_first_and_resumes_at_half_the_bounds():
+    limit = InflightLimit(100, 100)
+    assert limit.try_acquire(80)
+    waiter = asyncio.create_task(limit.acquire(30))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    assert not limit.try_acquire(1)  # the waiting update was received first
+    limit.release(80)
+    await asyncio.wait_for(waiter, 5)
+    assert (limit.count, limit.bytes) == (1, 30)
+    assert limit.try_acquire(1)  # the fast path is open again
