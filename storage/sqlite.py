@@ -386,17 +386,24 @@ class SQLiteStore(GroupCommitStore):
     def _write_failed(self, exc: BaseException) -> None:
         self._writer_suspect = True
 
+    async def _checked(self, db: aiosqlite.Connection | None, suspect: bool, role: str) -> aiosqlite.Connection | None:
+        """``db``; after a failure on it (``suspect``), only if it still answers -- else it is
+        closed and None returned, for the caller (holding the connection's lock) to reconnect."""
+        if db is None or not suspect:
+            return db
+        try:
+            await db.execute_fetchall("SELECT 1")
+            return db
+        except Exception:
+            log.warning("reconnecting the SQLite %s of %s", role, self.path)
+            await _close_quietly(db)
+            return None
+
     async def _writable(self) -> aiosqlite.Connection:
         """The writer connection; after a failed write, checked and reconnected if broken."""
         if self._state == "closed":
             raise StoreClosed(f"{self!r} is closed")
-        if self._writer is not None and self._writer_suspect:
-            try:
-                await self._writer.execute_fetchall("SELECT 1")
-            except Exception:
-                log.warning("reconnecting the SQLite writer of %s", self.path)
-                broken, self._writer = self._writer, None
-                await _close_quietly(broken)
+        self._writer = await self._checked(self._writer, self._writer_suspect, "writer")
         if self._writer is None:
             self._writer = await self._connect()
         self._writer_suspect = False
@@ -749,13 +756,7 @@ class _Reading:
             try:
                 if store._state != "open":
                     raise StoreClosed(f"{store!r} is not open")
-                if store._reader is not None and store._reader_suspect:
-                    try:  # the last read failed: is the connection still usable?
-                        await store._reader.execute_fetchall("SELECT 1")
-                    except Exception:
-                        log.warning("reconnecting the SQLite reader of %s", store.path)
-                        broken, store._reader = store._reader, None
-                        await _close_quietly(broken)
+                store._reader = await store._checked(store._reader, store._reader_suspect, "reader")
                 if store._reader is None:
                     store._reader = await store._connect(read_only=True)
                 store._reader_suspect = False
