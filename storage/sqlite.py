@@ -735,12 +735,13 @@ class _ChatConflict(Exception):
 class _Reading:
     """``async with`` the reader connection; errors become StoreError.
 
-    Reads are not serialized here: each is one call (or, for ``rooms``, a cursor's calls) on the
-    connection's own queue, which its thread runs back to back. A lock held across each read
-    made every read wait for the one before it to come back to the event loop and hand the lock
-    on -- two loop iterations per read: 1,000 clients joining at once (a room load and a chat
-    history read each) waited ~600 ms for their first sync on a busy loop. ``_read_lock`` now
-    only makes one task at a time check or reconnect the connection after a failed read."""
+    Reads are not serialized here: each is one call on the connection's own queue (a whole read:
+    see ``_room_names`` for why never a cursor stepped across calls), which its thread runs back
+    to back. A lock held across each read made every read wait for the one before it to come
+    back to the event loop and hand the lock on -- two loop iterations per read: 1,000 clients
+    joining at once (a room load and a chat history read each) waited ~600 ms for their first
+    sync on a busy loop. ``_read_lock`` now only makes one task at a time check or reconnect the
+    connection after a failed read."""
 
     def __init__(self, store: SQLiteStore) -> None:
         self._store = store

@@ -161,7 +161,7 @@ async def test_a_waiting_update_goes_first_and_resumes_at_half_the_bounds():
     limit = InflightLimit(100, 100)
     assert limit.try_acquire(80)
     waiter = asyncio.create_task(limit.acquire(30))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop turn: the waiter runs up to its wait
     assert not waiter.done()
     assert not limit.try_acquire(1)  # the waiting update was received first
     limit.release(80)
