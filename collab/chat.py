@@ -297,14 +297,12 @@ class ChatService(Service):
         join tries again; while it is a member, mentions find it anyway)."""
         if (room, identity.user_id, identity.name) in self._known:
             return
-        users = self._unsaved.setdefault(room, {})
-        if identity.user_id not in users:
+        users = self._unsaved.get(room)
+        if users is None or identity.user_id not in users:
             if self._unsaved_count >= MAX_UNSAVED_USERS:
-                if not users:
-                    del self._unsaved[room]
                 return
             self._unsaved_count += 1
-        users[identity.user_id] = identity.name
+        self._unsaved.setdefault(room, {})[identity.user_id] = identity.name
         if (self._saver is None or self._saver.done()) and self._hub is not None and self._hub.running:
             self._saver = self._hub.spawn(self._save_users(), what="chat known users")
 

@@ -15,6 +15,7 @@ from clients import YClient
 from collab import protocol
 from collab.connection import InflightLimit
 from collab.wsfast import frame_header, wire_frame, wire_payload
+from servers import wait_until
 
 LIMITS = protocol.Limits(max_frame_bytes=1 << 20, max_depth=64, max_awareness_entries=100,
                          max_awareness_state_bytes=100_000)
@@ -161,7 +162,7 @@ async def test_a_waiting_update_goes_first_and_resumes_at_half_the_bounds():
     limit = InflightLimit(100, 100)
     assert limit.try_acquire(80)
     waiter = asyncio.create_task(limit.acquire(30))
-    await asyncio.sleep(0)  # one loop turn: the waiter runs up to its wait
+    await wait_until(lambda: limit._waiting, what="the waiter at its wait")
     assert not waiter.done()
     assert not limit.try_acquire(1)  # the waiting update was received first
     limit.release(80)
