@@ -1,11 +1,21 @@
-"""SQLite document store: the embedded default, one file shared by every server process on a host.
+"""SQLite document store: the embedded default, shared by every server process on a host.
 
 Theory of operation
 -------------------
-* Two aiosqlite connections: the writer (used by group commits and by compaction's short write
-  transaction, serialized by ``_write_lock`` and its thread's queue) and the reader (``load``,
-  ``history``, ``rooms``, chat reads: queued straight onto its thread, see ``_Reading``). WAL lets the reader and other processes read while a write is in
-  flight; ``busy_timeout`` makes writers of different processes queue for the file's single write lock.
+* Two files (schema version 5): the main file (the path given: ``recent``, rooms, metadata, chat)
+  and its archive (the same path + ``.archive``: the indexed log ``updates``, the snapshots and
+  ``merged``). Each file has its own write lock and WAL, so the archive's big transactions --
+  moving rows into the per-room index, compaction -- never hold up a group commit. (In one file
+  they did: a move of 2,048 rows took 10 ms at first and 60 ms once the index held 120,000 rows,
+  and every update arriving meanwhile waited; p99 at 3,000 updates/s grew from 10 to 50 ms in
+  40 s.) Back up both files together.
+* Three aiosqlite connections: the writer (the main file: group commits, metadata, chat; serialized
+  by ``_write_lock`` and its thread's queue), the maintenance connection (the archive, with the
+  main file attached as ``hot`` and only read: merges and compaction, serialized by
+  ``_maint_lock``) and the reader (the main file with the archive attached as ``archive``:
+  ``load``, ``history``, ``rooms``, chat reads: queued straight onto its thread, see ``_Reading``).
+  WAL lets the reader and other processes read while a write is in flight; ``busy_timeout`` makes
+  writers of different processes queue for each file's single write lock.
   Every write transaction takes the write lock up front (``BEGIN IMMEDIATE``, or a single write
   statement in autocommit, which takes it at its start), so it waits on the busy handler instead
   of failing half-way when another process wrote first.
@@ -15,16 +25,23 @@ Theory of operation
   the rooms table. A batch is usually started directly (``_start_write``: the job goes on the
   writer's thread queue and reports back with one ``call_soon_threadsafe``); the flusher task
   writes it instead while ``_write_lock`` is held or the writer needs a check after a failure.
-* Recent rows (schema version 4): appends go to ``recent``, a table with no index, so a commit
-  dirties one or two table pages whatever the number of rooms in it (with the per-room index of
-  ``updates``, every room in a commit dirtied a page of its own: at 5,000 updates/s in 250 rooms,
-  ~50 MB/s of WAL, each page written twice, to the WAL and at checkpoint). After every MERGE_ROWS
-  rows it appended, a process's writer moves all of ``recent`` to ``updates`` in one transaction
-  (the rows of many commits, so each room's index page is written once for all of them), right
-  after reporting the batch that reached the count. Every read covers both tables (``UNION ALL``
-  on the same read transaction, scanning the few thousand rows of ``recent``); compaction prunes
-  both tables (every id in ``recent`` is above every id in ``updates``: a move takes them all).
-  A failed move leaves the rows where they are and is tried again by the next one.
+* Recent rows: appends go to ``recent``, a table with no index, so a commit dirties one or two
+  table pages whatever the number of rooms in it (with the per-room index of ``updates``, every
+  room in a commit dirtied a page of its own: at 5,000 updates/s in 250 rooms, ~50 MB/s of WAL,
+  each page written twice, to the WAL and at checkpoint). After every MERGE_ROWS rows it
+  appended, a process asks its maintenance connection for a merge: one archive transaction
+  copies every row of ``recent`` above ``merged.upto`` into ``updates`` (the rows of many
+  commits, so each room's index page is written once for all of them) and raises
+  ``merged.upto``; it reads the main file as of its first read of it, and every row there up to
+  the largest id it sees is committed (ids follow the main file's write lock). That commit is
+  synced (the archive is always ``synchronous=FULL``) before the next group commit deletes the
+  copied rows from ``recent`` in its own transaction. Until then the copies are in both files:
+  every read skips rows of ``recent`` at or below ``merged.upto``. A failed merge leaves the rows
+  where they are and the next one copies them.
+* Reads across the files: one read transaction on the reader, ``recent`` read first, then the
+  archive. A row the first read saw and a merge then copied and deleted is in the archive the
+  second read sees (the copy commits before the delete); a row committed after the first read
+  may show up through the archive too -- newer, never missing.
 * Thread hops: every aiosqlite await is a trip to the connection's thread and back (an event-loop
   wakeup). The hot transactions -- the flusher's batch, compaction's read and write, ``put_meta``,
   ``load`` -- are therefore each ONE plain function run on the connection's thread (``_in_thread``),
@@ -35,11 +52,13 @@ Theory of operation
   after pruning deleted the newest rows (``history_keep=0``), so a room's ids only grow and "tail = rows with id >
   snapshot.upto_id" holds across restarts. With the write lock held, the rows of one transaction get consecutive ids that end at
   the last INSERT's ``lastrowid``.
-* Compaction is optimistic: read snapshot + tail (one read transaction), fold them outside any
-  transaction in a worker thread, then in one write transaction replace the snapshot and prune the
-  history (keep the newest ``history_keep`` rows with id <= the new upto_id) -- only if the
-  snapshot's ``upto_id`` is still the one read, otherwise someone else (another task or process)
-  compacted first and we start over. Rows with ids above the folded ones are never touched.
+* Compaction is optimistic and archive-only: on the maintenance connection, merge first if
+  ``recent`` has rows of the room, then read snapshot + archived tail (one transaction); fold
+  them outside any transaction in a worker thread; then in one archive write transaction replace
+  the snapshot and prune the history (keep the newest ``history_keep`` rows with id <= the new
+  upto_id) -- only if the snapshot's ``upto_id`` is still the one read, otherwise someone else
+  (another task or process) compacted first and we start over. Rows with ids above the folded
+  ones are never touched.
 * Chat (``chat_*`` tables, schema version 3): each write is its own ``BEGIN IMMEDIATE`` transaction
   on the writer (read-modify-write of reactions is safe under it), reads use the reader.
 * Metadata (``meta`` table): ``put_meta`` is its own ``BEGIN IMMEDIATE`` transaction on the writer
@@ -122,7 +141,7 @@ _LOG_TABLE = """CREATE TABLE {name} (
                ts     REAL NOT NULL
            )"""
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
         # AUTOINCREMENT: ids are never reused (see theory of operation).
@@ -186,7 +205,45 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         _LOG_TABLE.format(name="recent"),  # the same columns as updates
         "INSERT INTO sqlite_sequence (name, seq) SELECT 'recent', seq FROM sqlite_sequence WHERE name = 'updates'",
     ),
+    5: (
+        # The indexed log and the snapshots live in the archive file now (see "Two files"); their
+        # rows were copied there (``_ARCHIVE_COPY``, committed first) in this same migration.
+        "DROP TABLE updates",
+        "DROP TABLE snapshots",
+    ),
 }
+
+# The archive file (``<store>.archive``): written only by the maintenance connection.
+ARCHIVE_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS updates (
+           id     INTEGER PRIMARY KEY,
+           room   TEXT NOT NULL,
+           data   BLOB NOT NULL,
+           author TEXT,
+           ts     REAL NOT NULL
+       )""",
+    "CREATE INDEX IF NOT EXISTS updates_by_room ON updates (room, id)",
+    """CREATE TABLE IF NOT EXISTS snapshots (
+           room       TEXT PRIMARY KEY,
+           data       BLOB NOT NULL,
+           upto_id    INTEGER NOT NULL,
+           updated_at REAL NOT NULL
+       )""",
+    # Every row of ``recent`` with an id up to ``upto`` is in ``updates`` (or was, and was pruned).
+    "CREATE TABLE IF NOT EXISTS merged (k INTEGER PRIMARY KEY CHECK (k = 0), upto INTEGER NOT NULL)",
+    "INSERT OR IGNORE INTO merged (k, upto) VALUES (0, 0)",
+)
+# Moving a version 1-4 file's log and snapshots into the archive (idempotent: a crash between the
+# archive's commit and the main file's leaves both copies, and the next start copies again).
+_ARCHIVE_COPY = (
+    "INSERT OR IGNORE INTO updates (id, room, data, author, ts) "
+    "SELECT id, room, data, author, ts FROM hot.updates ORDER BY id",
+    "INSERT OR REPLACE INTO snapshots (room, data, upto_id, updated_at) "
+    "SELECT room, data, upto_id, updated_at FROM hot.snapshots",
+    # Every id in recent is above every id in a version 4 file's updates.
+    "UPDATE merged SET upto = max(upto, (SELECT coalesce(max(id), 0) FROM hot.updates))",
+)
+ARCHIVE_SUFFIX = ".archive"
 
 # How long a writer waits for another process's write lock before its commit fails.
 DEFAULT_BUSY_TIMEOUT = 5.0
@@ -230,14 +287,22 @@ class SQLiteStore(GroupCommitStore):
         self.history_keep = check_history_keep(history_keep)
         self._folds = FoldCache(fold_cache_bytes)  # the Doc of each room's last fold, for its next one
 
+        self.archive_path = path.with_name(path.name + ARCHIVE_SUFFIX)
+
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        self._maint: aiosqlite.Connection | None = None
         self._writer_suspect = False
         self._reader_suspect = False
+        self._maint_suspect = False
         self._write_lock = asyncio.Lock()
         self._read_lock = asyncio.Lock()
+        self._maint_lock = asyncio.Lock()
         self._known_rooms: set[str] = set()
         self._unmerged = 0  # rows this process put in ``recent`` since its last merge
+        self._merge_task: asyncio.Task[None] | None = None
+        self._merge_again = False  # a merge was asked for while one ran
+        self._delete_upto = 0  # rows of ``recent`` up to this id are merged: the next batch deletes them
 
     def __repr__(self) -> str:
         return f"<SQLiteStore {str(self.path)!r} {self._state}>"
@@ -248,7 +313,8 @@ class SQLiteStore(GroupCommitStore):
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._writer = await self._connect()
-            await self._migrate(self._writer)
+            self._maint = await self._connect_archive()
+            await self._migrate(self._writer, self._maint)
             self._reader = await self._connect(read_only=True)
         except (OSError, sqlite3.Error) as exc:
             await self._close_connections()
@@ -259,7 +325,10 @@ class SQLiteStore(GroupCommitStore):
 
     async def _close_backend(self) -> None:
         self._folds.clear()
-        async with self._write_lock, self._read_lock:
+        task, self._merge_task = self._merge_task, None
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)  # it logs its own failure
+        async with self._write_lock, self._read_lock, self._maint_lock:
             await self._close_connections()
 
     async def _connect(self, *, read_only: bool = False) -> aiosqlite.Connection:
@@ -276,13 +345,38 @@ class SQLiteStore(GroupCommitStore):
             await db.execute(f"PRAGMA synchronous = {self.synchronous}")
             await db.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
             if read_only:
+                await db.execute("ATTACH DATABASE ? AS archive", (str(self.archive_path),))
                 await db.execute("PRAGMA query_only = ON")
         except BaseException:
             await db.close()
             raise
         return db
 
-    async def _migrate(self, db: aiosqlite.Connection) -> None:
+    async def _connect_archive(self) -> aiosqlite.Connection:
+        """The maintenance connection: the archive file, with the main file attached as ``hot``.
+
+        Always ``synchronous=FULL``: a merge's commit must be on disk before the main file drops
+        the rows it copied (the two files' WALs are synced separately), and it costs the group
+        commits nothing -- this connection is theirs to never wait for."""
+        db = await aiosqlite.connect(self.archive_path, isolation_level=None, cached_statements=64)
+        try:
+            await db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            async with db.execute("PRAGMA journal_mode = WAL") as cursor:
+                row = await cursor.fetchone()
+            if row is None or str(row[0]).lower() != "wal":
+                raise StoreError(f"{str(self.archive_path)!r} cannot use WAL (journal_mode={row})")
+            await db.execute("PRAGMA synchronous = FULL")
+            await db.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
+            await db.execute(f"PRAGMA cache_size = {-ARCHIVE_CACHE_KIB}")
+            for statement in ARCHIVE_SCHEMA:
+                await db.execute(statement)
+            await db.execute("ATTACH DATABASE ? AS hot", (str(self.path),))
+        except BaseException:
+            await db.close()
+            raise
+        return db
+
+    async def _migrate(self, db: aiosqlite.Connection, maint: aiosqlite.Connection) -> None:
         # Under the write lock: processes starting together migrate one after the other.
         await db.execute("BEGIN IMMEDIATE")
         try:
@@ -295,6 +389,10 @@ class SQLiteStore(GroupCommitStore):
                     f"this code knows up to {SCHEMA_VERSION}"
                 )
             for version in range(current + 1, SCHEMA_VERSION + 1):
+                if version == 5 and current >= 1:
+                    # Copy the log and snapshots (as committed: this transaction's own changes are
+                    # invisible to the other connection) and commit that before they are dropped here.
+                    await _in_thread(maint, _copy_to_archive)
                 for statement in MIGRATIONS[version]:
                     await db.execute(statement)
             if not rows:
@@ -307,10 +405,10 @@ class SQLiteStore(GroupCommitStore):
             raise
 
     async def _close_connections(self) -> None:
-        for db in (self._writer, self._reader):
+        for db in (self._writer, self._reader, self._maint):
             if db is not None:
                 await _close_quietly(db)
-        self._writer = self._reader = None
+        self._writer = self._reader = self._maint = None
 
     # -- the flusher's transaction ---------------------------------------------------------
 
@@ -319,9 +417,10 @@ class SQLiteStore(GroupCommitStore):
         merge = self._merge_due(len(rows))
         async with self._write_lock:
             db = await self._writable()
-            last_id = await _in_thread(db, _insert_batch, rows, sorted(new_rooms), time.time())
-            if merge:  # this path is rare (the writer was busy): its batch waits for the move too
-                await _in_thread(db, _merge_quietly, self.path)
+            delete_upto = self._take_delete()
+            last_id = await _in_thread(db, _insert_batch, rows, sorted(new_rooms), time.time(), delete_upto)
+        if merge:
+            self._request_merge()
         return self._written_ids(batch, new_rooms, last_id)
 
     def _merge_due(self, rows: int) -> bool:
@@ -332,6 +431,49 @@ class SQLiteStore(GroupCommitStore):
             return False
         self._unmerged = 0
         return True
+
+    def _take_delete(self) -> int:
+        """The id up to which the next batch deletes merged rows from ``recent`` (0: none due).
+        If that batch fails, the rows stay: reads skip them, and the next merge's delete takes them."""
+        upto, self._delete_upto = self._delete_upto, 0
+        return upto
+
+    # -- the archive: merges and compaction, on the maintenance connection ------------------
+
+    def _request_merge(self) -> None:
+        """Copy ``recent`` to the archive soon, off the group commits' path (one merge at a time)."""
+        if self._state != "open":
+            return
+        task = self._merge_task
+        if task is not None and not task.done():
+            self._merge_again = True
+            return
+        self._merge_task = asyncio.get_running_loop().create_task(self._merge_forever())
+
+    async def _merge_forever(self) -> None:
+        self._merge_again = True
+        while self._merge_again and self._state == "open":
+            self._merge_again = False
+            try:
+                async with self._maint_lock:
+                    db = await self._maintainable()
+                    self._merged(await _in_thread(db, _merge_recent))
+            except Exception as exc:  # noqa: BLE001 - nothing is lost; the next merge tries again
+                self._maint_suspect = True
+                log.warning("moving recent rows of %s to its archive failed: %r", self.path, exc)
+                return
+
+    def _merged(self, upto: int) -> None:
+        if upto > self._delete_upto:
+            self._delete_upto = upto
+
+    async def _maintainable(self) -> aiosqlite.Connection:
+        """The maintenance connection; after a failure, checked and reconnected if broken."""
+        if self._state == "closed":
+            raise StoreClosed(f"{self!r} is closed")
+        self._maint = await self._usable(self._maint, self._maint_suspect, "archive writer", self._connect_archive)
+        self._maint_suspect = False
+        return self._maint
 
     def _rows_of(self, batch: list[Pending]) -> tuple[list[tuple[str, bytes, str | None, float]], set[str]]:
         """A batch's rows for ``_insert_batch``, and its rooms not yet known to be in the rooms table."""
@@ -360,24 +502,24 @@ class SQLiteStore(GroupCommitStore):
         assert writer is not None
         rows, new_rooms = self._rows_of(batch)
         merge = self._merge_due(len(rows))
+        delete_upto = self._take_delete()
         loop = asyncio.get_running_loop()
-        path = self.path
 
         def finished(last_id: int | None, exc: BaseException | None) -> None:
             if last_id is not None:
                 done(self._written_ids(batch, new_rooms, last_id), None)
+                if merge:
+                    self._request_merge()
             else:
                 done(None, exc)
 
         def job() -> None:  # on the writer's thread
             try:
-                last_id = _insert_batch(writer._conn, rows, sorted(new_rooms), time.time())
+                last_id = _insert_batch(writer._conn, rows, sorted(new_rooms), time.time(), delete_upto)
             except BaseException as exc:  # noqa: BLE001 - reported to the loop, like aiosqlite does
                 loop.call_soon_threadsafe(finished, None, exc)
             else:
                 loop.call_soon_threadsafe(finished, last_id, None)
-                if merge:  # after the batch is reported: its appenders do not wait for this
-                    _merge_quietly(writer._conn, path)
 
         # aiosqlite's own queue (a (future, function) pair; no future: we report ourselves), so the
         # job runs in order with every other call on this connection.
@@ -386,26 +528,27 @@ class SQLiteStore(GroupCommitStore):
     def _write_failed(self, exc: BaseException) -> None:
         self._writer_suspect = True
 
-    async def _checked(self, db: aiosqlite.Connection | None, suspect: bool, role: str) -> aiosqlite.Connection | None:
-        """``db``; after a failure on it (``suspect``), only if it still answers -- else it is
-        closed and None returned, for the caller (holding the connection's lock) to reconnect."""
-        if db is None or not suspect:
-            return db
-        try:
-            await db.execute_fetchall("SELECT 1")
-            return db
-        except Exception:
-            log.warning("reconnecting the SQLite %s of %s", role, self.path)
-            await _close_quietly(db)
-            return None
+    async def _usable(
+        self, db: aiosqlite.Connection | None, suspect: bool, role: str,
+        connect: Callable[[], Awaitable[aiosqlite.Connection]],
+    ) -> aiosqlite.Connection:
+        """``db`` if it is there and, after a failure on it (``suspect``), still answers; else a
+        new connection from ``connect`` (a broken one is closed first). The caller holds the
+        connection's lock, stores the result and clears its ``suspect`` flag."""
+        if db is not None and suspect:
+            try:
+                await db.execute_fetchall("SELECT 1")
+            except Exception:
+                log.warning("reconnecting the SQLite %s of %s", role, self.path)
+                await _close_quietly(db)
+                db = None
+        return db if db is not None else await connect()
 
     async def _writable(self) -> aiosqlite.Connection:
         """The writer connection; after a failed write, checked and reconnected if broken."""
         if self._state == "closed":
             raise StoreClosed(f"{self!r} is closed")
-        self._writer = await self._checked(self._writer, self._writer_suspect, "writer")
-        if self._writer is None:
-            self._writer = await self._connect()
+        self._writer = await self._usable(self._writer, self._writer_suspect, "writer", self._connect)
         self._writer_suspect = False
         return self._writer
 
@@ -446,10 +589,8 @@ class SQLiteStore(GroupCommitStore):
         if author is not None:
             where += " AND author = ?"
             args.append(author)
-        sql = (f"SELECT id, data, author, ts FROM updates WHERE {where} UNION ALL "
-               f"SELECT id, data, author, ts FROM recent WHERE {where} ORDER BY id LIMIT ?")
         async with self._reading() as db:
-            rows = await db.execute_fetchall(sql, (*args, *args, limit))
+            rows = await _in_thread(db, _history, where, args, limit)
         return [
             StoredUpdate(id=int(i), room=room, data=bytes(d), author=a, ts=float(t))
             for i, d, a, t in rows
@@ -696,7 +837,7 @@ class SQLiteStore(GroupCommitStore):
     async def compact(self, room: str) -> bool:
         check_room(room)
         for _ in range(COMPACT_ATTEMPTS):
-            snapshot, upto_id, tail = await self._read_room(room)
+            snapshot, upto_id, tail = await self._archived_room(room)
             if not tail:
                 return False
             new_upto_id = tail[-1][0]
@@ -708,19 +849,34 @@ class SQLiteStore(GroupCommitStore):
                 return True
         return False
 
+    async def _archived_room(self, room: str) -> tuple[bytes | None, int, list[tuple[int, bytes]]]:
+        """What compaction folds: the room's rows moved to the archive first (with everything
+        else in ``recent``, if the room has rows there), then its snapshot and archived tail."""
+        self._check_open()
+        try:
+            async with self._maint_lock:
+                db = await self._maintainable()
+                merged_upto, state = await _in_thread(db, _merge_and_read, room)
+        except (sqlite3.Error, ValueError) as exc:
+            self._maint_suspect = True
+            raise StoreError(f"compaction of {room!r} failed: {exc}") from exc
+        if merged_upto:
+            self._merged(merged_upto)
+        return state
+
     async def _replace_snapshot(
         self, room: str, folded: bytes, expected_upto_id: int, new_upto_id: int
     ) -> bool:
         self._check_open()
         try:
-            async with self._write_lock:
-                db = await self._writable()
+            async with self._maint_lock:
+                db = await self._maintainable()
                 return await _in_thread(
                     db, _replace_snapshot, room, folded, expected_upto_id, new_upto_id,
                     self.history_keep, time.time(),
                 )
         except (sqlite3.Error, ValueError) as exc:
-            self._writer_suspect = True
+            self._maint_suspect = True
             raise StoreError(f"compaction of {room!r} failed: {exc}") from exc
 
 
@@ -757,9 +913,8 @@ class _Reading:
             try:
                 if store._state != "open":
                     raise StoreClosed(f"{store!r} is not open")
-                store._reader = await store._checked(store._reader, store._reader_suspect, "reader")
-                if store._reader is None:
-                    store._reader = await store._connect(read_only=True)
+                store._reader = await store._usable(
+                    store._reader, store._reader_suspect, "reader", functools.partial(store._connect, read_only=True))
                 store._reader_suspect = False
                 return store._reader
             except (sqlite3.Error, ValueError, OSError) as exc:
@@ -796,8 +951,11 @@ def _call_with_connection(db: aiosqlite.Connection, fn: Callable[..., T], args: 
     return fn(db._conn, *args)  # _conn raises ValueError once the connection is closed
 
 
-# Rows a process puts in ``recent`` before its writer moves them all to ``updates``.
+# Rows a process puts in ``recent`` before it has them all copied to the archive.
 MERGE_ROWS = 2048
+# The maintenance connection's page cache: the archive index's pages each merge touches (one per
+# room in it) stay in memory.
+ARCHIVE_CACHE_KIB = 32 * 1024
 _INSERT_CHUNK = 256  # rows per multi-row INSERT: 1,024 parameters (SQLite allows 32,766)
 # Writer connection's prepared-statement cache: one multi-row INSERT per batch size seen, plus the rest.
 WRITER_CACHED_STATEMENTS = _INSERT_CHUNK + 64
@@ -809,9 +967,11 @@ def _insert_sql(n: int) -> str:
 
 
 def _insert_batch(
-    conn: sqlite3.Connection, rows: list[tuple[str, bytes, str | None, float]], new_rooms: list[str], now: float
+    conn: sqlite3.Connection, rows: list[tuple[str, bytes, str | None, float]], new_rooms: list[str], now: float,
+    delete_upto: int = 0,
 ) -> int:
-    """The flusher's transaction: the rows, their rooms; the last row's id.
+    """The flusher's transaction: the rows, their rooms; the last row's id. ``delete_upto``: also
+    delete the rows of ``recent`` up to that id (a merge copied them to the archive).
 
     The sqlite3 module releases the GIL around every statement step and must take it back after;
     on a busy server each re-take waits for the event loop to let go (up to the switch interval,
@@ -819,7 +979,7 @@ def _insert_batch(
     is ONE multi-row INSERT run as its own (autocommit) transaction -- it takes the write lock at its
     start and waits on the busy handler like BEGIN IMMEDIATE -- and anything bigger is chunks of
     _INSERT_CHUNK rows in one BEGIN IMMEDIATE transaction."""
-    if not new_rooms and len(rows) <= _INSERT_CHUNK:
+    if not new_rooms and not delete_upto and len(rows) <= _INSERT_CHUNK:
         try:
             cursor = conn.execute(_insert_sql(len(rows)), [value for row in rows for value in row])
         except BaseException:
@@ -843,6 +1003,8 @@ def _insert_batch(
             conn.executemany(
                 "INSERT OR IGNORE INTO rooms (name, created_at) VALUES (?, ?)", [(name, now) for name in new_rooms]
             )
+        if delete_upto:
+            conn.execute("DELETE FROM recent WHERE id <= ?", (delete_upto,))
         conn.execute("COMMIT")
     except BaseException:
         _rollback_sync(conn)
@@ -850,28 +1012,81 @@ def _insert_batch(
     return int(last_id)
 
 
-def _merge_recent(conn: sqlite3.Connection) -> None:
-    """Move every row of ``recent`` to ``updates``, in one transaction."""
-    conn.execute("BEGIN IMMEDIATE")
+def _merge_recent(conn: sqlite3.Connection) -> int:
+    """On the maintenance connection: copy the rows of ``recent`` not yet in the archive, in one
+    archive transaction (which reads the main file as of its first read of it: every row there
+    up to the largest id it sees is committed, and later rows get larger ids). Returns the new
+    ``merged.upto``: the main file may delete its rows up to it."""
+    _begin_archive_write(conn)
     try:
-        conn.execute(
-            "INSERT INTO updates (id, room, data, author, ts) "
-            "SELECT id, room, data, author, ts FROM recent ORDER BY id"
-        )
-        conn.execute("DELETE FROM recent")
+        upto = _merge_in_transaction(conn)
         conn.execute("COMMIT")
+    except BaseException:
+        _rollback_sync(conn)
+        raise
+    return upto
+
+
+def _begin_archive_write(conn: sqlite3.Connection) -> None:
+    """Begin a write transaction on the maintenance connection holding the archive's write lock
+    only. (``BEGIN IMMEDIATE`` would take the write lock of every attached file, the main one's
+    too, and the group commits would wait for this transaction.) A deferred transaction whose
+    first statement writes the archive takes its lock there, waiting on the busy handler."""
+    conn.execute("BEGIN")
+    try:
+        conn.execute("UPDATE merged SET upto = upto")
     except BaseException:
         _rollback_sync(conn)
         raise
 
 
-def _merge_quietly(conn: sqlite3.Connection, path: Path) -> None:
-    """A merge on the writer's thread: a failure leaves the rows in ``recent`` (still read by
-    every query, moved by the next merge) and is only logged."""
+def _merge_in_transaction(conn: sqlite3.Connection) -> int:
+    (done,) = conn.execute("SELECT upto FROM merged").fetchone()
+    (newest,) = conn.execute("SELECT coalesce(max(id), 0) FROM hot.recent").fetchone()
+    if newest > done:
+        conn.execute(
+            "INSERT INTO updates (id, room, data, author, ts) "
+            "SELECT id, room, data, author, ts FROM hot.recent WHERE id > ? AND id <= ? ORDER BY id",
+            (done, newest),
+        )
+        conn.execute("UPDATE merged SET upto = ?", (newest,))
+        return int(newest)
+    return int(done)
+
+
+def _merge_and_read(
+    conn: sqlite3.Connection, room: str
+) -> tuple[int, tuple[bytes | None, int, list[tuple[int, bytes]]]]:
+    """Compaction's read, on the maintenance connection: if ``recent`` has rows of ``room`` not
+    yet archived, merge (all of them, like any merge); then the room's snapshot and archived tail.
+    Returns (the merge's ``upto``, or 0 if none ran; the room's state)."""
+    _begin_archive_write(conn)
     try:
-        _merge_recent(conn)
-    except Exception as exc:  # noqa: BLE001 - nothing is lost; the next merge tries again
-        log.warning("moving recent rows of %s failed: %r", path, exc)
+        merged = 0
+        (done,) = conn.execute("SELECT upto FROM merged").fetchone()
+        if conn.execute("SELECT 1 FROM hot.recent WHERE room = ? AND id > ? LIMIT 1", (room, done)).fetchone():
+            merged = _merge_in_transaction(conn)
+        snapshot, upto_id = _read_snapshot(conn, room)
+        rows = conn.execute(
+            "SELECT id, data FROM updates WHERE room = ? AND id > ? ORDER BY id", (room, upto_id)
+        ).fetchall()
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback_sync(conn)
+        raise
+    return merged, (snapshot, upto_id, [(int(i), bytes(d)) for i, d in rows])
+
+
+def _copy_to_archive(conn: sqlite3.Connection) -> None:
+    """The version 5 migration's first half, on the maintenance connection (see ``_ARCHIVE_COPY``)."""
+    _begin_archive_write(conn)
+    try:
+        for statement in _ARCHIVE_COPY:
+            conn.execute(statement)
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback_sync(conn)
+        raise
 
 
 def _room_names(conn: sqlite3.Connection, prefix: str) -> list[str]:
@@ -887,25 +1102,45 @@ def _room_names(conn: sqlite3.Connection, prefix: str) -> list[str]:
 
 
 def _read_room(conn: sqlite3.Connection, room: str) -> tuple[bytes | None, int, list[tuple[int, bytes]]]:
-    """Snapshot, upto_id and tail rows of a room, in one read transaction."""
+    """Snapshot, upto_id and tail rows of a room, on the reader (see "Two files" for the order)."""
     conn.execute("BEGIN")
     try:
+        hot = conn.execute("SELECT id, data FROM main.recent WHERE room = ? ORDER BY id", (room,)).fetchall()
         snapshot, upto_id = _read_snapshot(conn, room)
+        (merged,) = conn.execute("SELECT upto FROM archive.merged").fetchone()
         rows = conn.execute(
-            "SELECT id, data FROM updates WHERE room = ?1 AND id > ?2 UNION ALL "
-            "SELECT id, data FROM recent WHERE room = ?1 AND id > ?2 ORDER BY id", (room, upto_id)
+            "SELECT id, data FROM archive.updates WHERE room = ? AND id > ? ORDER BY id", (room, upto_id)
         ).fetchall()
     finally:
         _rollback_sync(conn)  # ends the read transaction
+    newer = max(merged, upto_id)
+    rows += [row for row in hot if row[0] > newer]
     return snapshot, upto_id, [(int(i), bytes(d)) for i, d in rows]
+
+
+def _history(conn: sqlite3.Connection, where: str, args: list[Any], limit: int) -> list[tuple[Any, ...]]:
+    """``history``'s rows, from both files in one read transaction (main file first)."""
+    conn.execute("BEGIN")
+    try:
+        hot = conn.execute(
+            f"SELECT id, data, author, ts FROM main.recent WHERE {where} ORDER BY id", args).fetchall()
+        (merged,) = conn.execute("SELECT upto FROM archive.merged").fetchone()
+        rows = conn.execute(
+            f"SELECT id, data, author, ts FROM archive.updates WHERE {where} ORDER BY id LIMIT ?",
+            (*args, limit)).fetchall()
+    finally:
+        _rollback_sync(conn)
+    rows += [row for row in hot if row[0] > merged]
+    return rows[:limit]
 
 
 def _replace_snapshot(
     conn: sqlite3.Connection, room: str, folded: bytes, expected_upto_id: int, new_upto_id: int,
     history_keep: int, now: float,
 ) -> bool:
-    """Compaction's write: the new snapshot and the pruning, only if upto_id is still the one read."""
-    conn.execute("BEGIN IMMEDIATE")
+    """Compaction's write, on the maintenance connection (the archive file only): the new
+    snapshot and the pruning, only if upto_id is still the one read."""
+    _begin_archive_write(conn)
     try:
         _, current = _read_snapshot(conn, room, with_data=False)
         if current != expected_upto_id:
@@ -919,26 +1154,15 @@ def _replace_snapshot(
             (room, folded, new_upto_id, now),
         )
         # Retention: keep the newest history_keep rows inside the snapshot, never a row above
-        # it. No cutoff row (fewer rows than that) compares NULL: no delete.
-        # Rows not yet moved out of ``recent`` count (and go) too; every id there is above every
-        # id in ``updates`` (a move takes them all), so they are the newest.
-        (in_recent,) = conn.execute(
-            "SELECT count(*) FROM recent WHERE room = ? AND id <= ?", (room, new_upto_id)
-        ).fetchone()
-        if in_recent > history_keep:
-            cutoff = conn.execute(
-                "SELECT id FROM recent WHERE room = ? AND id <= ? ORDER BY id DESC LIMIT 1 OFFSET ?",
-                (room, new_upto_id, history_keep),
-            ).fetchone()
-            conn.execute("DELETE FROM updates WHERE room = ?", (room,))
-            conn.execute("DELETE FROM recent WHERE room = ? AND id <= ?", (room, cutoff[0]))
-        else:
-            conn.execute(
-                "DELETE FROM updates WHERE room = ?1 AND id <= ("
-                "  SELECT id FROM updates WHERE room = ?1 AND id <= ?2"
-                "  ORDER BY id DESC LIMIT 1 OFFSET ?3)",
-                (room, new_upto_id, history_keep - in_recent),
-            )
+        # it. No cutoff row (fewer rows than that) compares NULL: no delete. Every folded row is
+        # in the archive (compaction folds only archived rows; rows of ``recent`` up to
+        # ``merged.upto`` are copies, skipped by every read and deleted by the main file).
+        conn.execute(
+            "DELETE FROM updates WHERE room = ?1 AND id <= ("
+            "  SELECT id FROM updates WHERE room = ?1 AND id <= ?2"
+            "  ORDER BY id DESC LIMIT 1 OFFSET ?3)",
+            (room, new_upto_id, history_keep),
+        )
         conn.execute("COMMIT")
         return True
     except BaseException:

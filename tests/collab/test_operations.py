@@ -97,6 +97,8 @@ async def test_room_that_fails_to_load_refuses_joiners_with_1013_and_its_data_st
 
 
 def _rows(db) -> list:
+    """The room's rows in both files: the main file's ``recent`` and the archive's ``updates``."""
     with sqlite3.connect(db) as conn:
-        return conn.execute("SELECT id, data FROM updates WHERE room='broken' UNION ALL "
+        conn.execute("ATTACH DATABASE ? AS archive", (str(db) + ".archive",))
+        return conn.execute("SELECT id, data FROM archive.updates WHERE room='broken' UNION "
                             "SELECT id, data FROM recent WHERE room='broken' ORDER BY id").fetchall()

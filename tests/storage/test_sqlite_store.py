@@ -247,8 +247,9 @@ async def test_a_locked_database_fails_the_waiting_appends_then_recovers(opened,
 async def test_a_read_only_database_fails_appends_and_compaction_until_writable(opened) -> None:
     store = await opened()
     await store.append("r", update_of("a"))
-    assert store._writer is not None
-    await store._writer.execute("PRAGMA query_only = ON")  # as if the disk went read-only
+    assert store._writer is not None and store._maint is not None
+    for db in (store._writer, store._maint):  # as if the disk went read-only (both files)
+        await db.execute("PRAGMA query_only = ON")
     results = await append_many(store, 10)
     assert all(isinstance(r, StoreError) for r in results), results
     with pytest.raises(StoreError):
@@ -257,7 +258,8 @@ async def test_a_read_only_database_fails_appends_and_compaction_until_writable(
     with pytest.raises(StoreError):
         await store.put_meta("r", "k", b"v")
 
-    await store._writer.execute("PRAGMA query_only = OFF")
+    for db in (store._writer, store._maint):
+        await db.execute("PRAGMA query_only = OFF")
     assert await store.append("r", update_of("b")) > 0
     assert await store.compact("r")
     await store.put_meta("r", "k", b"v")
@@ -323,9 +325,10 @@ class _CountingQueue:
 
 
 def count_hops(store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """Calls queued on the writer's and reader's threads (each one hop and one loop wakeup)."""
-    hops = {"writer": 0, "reader": 0}
-    for key, db in (("writer", store._writer), ("reader", store._reader)):
+    """Calls queued on the writer's, reader's and maintenance connection's threads (each one hop
+    and one loop wakeup)."""
+    hops = {"writer": 0, "reader": 0, "maint": 0}
+    for key, db in (("writer", store._writer), ("reader", store._reader), ("maint", store._maint)):
         monkeypatch.setattr(db, "_tx", _CountingQueue(db._tx, hops, key))
     return hops
 
@@ -334,18 +337,19 @@ async def test_a_batch_compaction_and_meta_are_one_hop_each(opened, monkeypatch:
     store = await opened()
     hops = count_hops(store, monkeypatch)
     ids = await store.append_many("r", [(update_of(f"u{n}"), "a") for n in range(4)])  # new room too
-    assert hops == {"writer": 1, "reader": 0} and store.commits == 1
+    assert hops == {"writer": 1, "reader": 0, "maint": 0} and store.commits == 1
     assert ids == list(range(ids[0], ids[0] + 4))
     assert await store.rooms() == ["r"]
 
     hops.update(writer=0, reader=0)
     assert await store.compact("r")
-    assert hops == {"writer": 1, "reader": 1}  # read snapshot + tail, write snapshot + prune
+    # On the archive's connection only: merge + read snapshot and tail; write snapshot + prune.
+    assert hops == {"writer": 0, "reader": 0, "maint": 2}
 
-    hops.update(writer=0, reader=0)
+    hops.update(writer=0, reader=0, maint=0)
     await store.put_meta("r", "k", b"v")
     await store.load("r")
-    assert hops == {"writer": 1, "reader": 1}
+    assert hops == {"writer": 1, "reader": 1, "maint": 0}
 
 
 async def test_concurrent_reads_are_queued_at_once_and_each_gets_its_own_answer(
@@ -387,9 +391,8 @@ async def test_a_failed_batch_is_rolled_back_whole_and_the_writer_carries_on(ope
     results = await appends
     assert all(isinstance(r, StoreError) for r in results), results
     assert "refused" in str(results[0])
+    assert _table_counts(store) == (0, 0)
     with sqlite3.connect(store.path) as probe:
-        assert probe.execute("SELECT count(*) FROM recent").fetchone() == (0,)
-        assert probe.execute("SELECT count(*) FROM updates").fetchone() == (0,)
         assert probe.execute("SELECT count(*) FROM rooms").fetchone() == (0,)
         assert not probe.in_transaction
     assert await store.append("good", update_of("ok")) > 0
@@ -483,9 +486,11 @@ async def test_append_rows_stores_several_rooms_in_one_commit_or_nothing(opened)
 # -- recent rows: appends land in an unindexed table and move to ``updates`` in bulk -------------
 
 
-def _table_counts(path: Path) -> tuple[int, int]:
-    with sqlite3.connect(path) as probe:
+def _table_counts(store: SQLiteStore) -> tuple[int, int]:
+    """Rows in the main file's ``recent`` and in the archive's ``updates``."""
+    with sqlite3.connect(store.path) as probe:
         recent = probe.execute("SELECT count(*) FROM recent").fetchone()[0]
+    with sqlite3.connect(store.archive_path) as probe:
         updates = probe.execute("SELECT count(*) FROM updates").fetchone()[0]
     return recent, updates
 
@@ -497,12 +502,15 @@ async def test_recent_rows_move_in_bulk_and_every_read_sees_them_the_same(
     a = [update_of(f"a{n}") for n in range(4)]
     b = [update_of(f"b{n}") for n in range(4)]
     ids = await store.append_many("a", [(u, "x") for u in a[:3]])
-    assert _table_counts(store.path) == (3, 0)  # below the count: only ``recent`` written
+    assert _table_counts(store) == (3, 0)  # below the count: only ``recent`` written
     ids += await store.append_many("b", [(u, "y") for u in b[:3]])
-    # The batch that reached 5 rows is reported first, then everything moves in one transaction.
-    await wait_until(lambda: _table_counts(store.path) == (0, 6), what="the move")
+    # The batch that reached 5 rows is reported first, then everything is copied to the archive
+    # in one transaction, off the writer; the copies stay in ``recent`` until the next batch.
+    await wait_until(lambda: _table_counts(store) == (6, 6), what="the copy")
+    assert [r.id for r in await store.history("a")] == ids[:3]  # copies are read once
+    assert (await store.load("b")).updates == b[:3]
     ids += await store.append_many("a", [(a[3], "x")])
-    assert _table_counts(store.path) == (1, 6)  # one room's rows now in both tables
+    assert _table_counts(store) == (1, 6)  # that batch deleted the copies; room a is in both files
     assert ids == sorted(ids) and len(set(ids)) == 7
 
     history = await store.history("a")
@@ -520,8 +528,9 @@ async def test_recent_rows_move_in_bulk_and_every_read_sees_them_the_same(
 
 
 @pytest.mark.parametrize("keep", [2, 4])
-async def test_compaction_prunes_rows_still_in_recent(opened, monkeypatch: pytest.MonkeyPatch, keep: int) -> None:
-    """history_keep counts the newest rows across both tables (the newest are in ``recent``)."""
+async def test_compaction_archives_rows_still_in_recent_first(opened, monkeypatch: pytest.MonkeyPatch, keep: int) -> None:
+    """Compaction folds every row: those still only in ``recent`` are archived first, so
+    history_keep counts the newest rows of both files."""
     monkeypatch.setattr(storage_sqlite, "MERGE_ROWS", 6)
     store = await opened(history_keep=keep)
     doc = pycrdt.Doc()
@@ -533,14 +542,17 @@ async def test_compaction_prunes_rows_still_in_recent(opened, monkeypatch: pytes
         typed.append((doc.get_update(before), "a"))
     ids = await store.append_many("r", typed[:3])
     ids += await store.append_many("r", typed[3:6])
-    await wait_until(lambda: _table_counts(store.path) == (0, 6), what="the move")
+    await wait_until(lambda: _table_counts(store) == (6, 6), what="the copy")
     ids += await store.append_many("r", typed[6:])
-    assert _table_counts(store.path) == (3, 6)
+    assert _table_counts(store) == (3, 6)
     assert await store.compact("r")
     assert [r.id for r in await store.history("r")] == ids[-keep:]
-    assert _table_counts(store.path) == (min(keep, 3), max(0, keep - 3))
+    assert _table_counts(store) == (3, keep)  # the last 3 archived; their copies go with the next batch
     state = await store.load("r")
     assert state.updates == [] and text_of_store_state(state.snapshot, []) == "".join(f"u{n}" for n in range(9))
+    later = await store.append("r", update_of("later"))
+    assert _table_counts(store) == (1, keep)
+    assert [r.id for r in await store.history("r")] == ids[-keep:] + [later]
 
 
 async def test_a_version_3_file_gets_recent_and_its_ids_go_on(opened, tmp_path: Path) -> None:
@@ -556,3 +568,93 @@ async def test_a_version_3_file_gets_recent_and_its_ids_go_on(opened, tmp_path: 
         db.execute("INSERT INTO rooms VALUES ('r', 1.0)")
     store = await opened()
     assert await store.append("r", update_of("new")) == 42
+
+
+def _version_4_file(path: Path, *, snapshot: bytes, archived: list[bytes], recent: list[bytes]) -> None:
+    """A file as the previous release (schema version 4) left it: one room with a snapshot up to
+    id 10, rows 11.. in ``updates`` and the newest rows still in ``recent``."""
+    with sqlite3.connect(path) as db:
+        for version in (1, 2, 3, 4):
+            for statement in MIGRATIONS[version]:
+                db.execute(statement)
+        db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        db.execute("INSERT INTO schema_version VALUES (4)")
+        db.execute("INSERT INTO rooms VALUES ('r', 1.0)")
+        db.execute("INSERT INTO snapshots VALUES ('r', ?, 10, 1.0)", (snapshot,))
+        for n, data in enumerate(archived, start=11):
+            db.execute("INSERT INTO updates (id, room, data, author, ts) VALUES (?, 'r', ?, 'old', 1.0)", (n, data))
+        for n, data in enumerate(recent, start=11 + len(archived)):
+            db.execute("INSERT INTO recent (id, room, data, author, ts) VALUES (?, 'r', ?, 'new', 2.0)", (n, data))
+
+
+async def test_a_version_4_file_moves_its_log_to_the_archive_and_reads_the_same(opened, tmp_path: Path) -> None:
+    doc = pycrdt.Doc()
+    text = doc.get("t", type=pycrdt.Text)
+    text += "snap"
+    snapshot = doc.get_update()
+    typed = []
+    for n in range(5):
+        before = doc.get_state()
+        text += f"-{n}"
+        typed.append(doc.get_update(before))
+    _version_4_file(tmp_path / "collab.db", snapshot=snapshot, archived=typed[:3], recent=typed[3:])
+
+    store = await opened()
+    state = await store.load("r")
+    assert text_of_store_state(state.snapshot, state.updates) == "snap-0-1-2-3-4"
+    assert (state.last_id, state.updates) == (15, typed)
+    history = await store.history("r")
+    assert [(r.id, r.author) for r in history] == [(11, "old"), (12, "old"), (13, "old"), (14, "new"), (15, "new")]
+    with sqlite3.connect(store.path) as probe:  # the main file keeps only what is new
+        tables = {name for (name,) in probe.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert "updates" not in tables and "snapshots" not in tables and "recent" in tables
+        assert probe.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+    assert _table_counts(store) == (2, 3)
+    assert await store.append("r", update_of("after")) == 16  # ids go on
+
+    await store.close()  # a second start migrates nothing again and reads the same
+    store = await opened()
+    assert [r.id for r in await store.history("r")] == [11, 12, 13, 14, 15, 16]
+    assert await store.compact("r")
+    state = await store.load("r")
+    folded = text_of_store_state(state.snapshot, [])
+    assert state.updates == [] and "snap-0-1-2-3-4" in folded and "after" in folded
+
+
+async def test_a_version_4_migration_cut_off_after_the_archive_commit_is_done_again(
+        opened, tmp_path: Path) -> None:
+    """The archive's copy commits before the main file drops its tables: a crash in between
+    leaves both, and the next start copies again without doubling anything."""
+    typed = [update_of(f"u{n}") for n in range(4)]
+    _version_4_file(tmp_path / "collab.db", snapshot=update_of("s"), archived=typed[:2], recent=typed[2:])
+    archive = tmp_path / ("collab.db" + storage_sqlite.ARCHIVE_SUFFIX)
+    with sqlite3.connect(archive) as db:  # the first half of an earlier, interrupted migration
+        for statement in storage_sqlite.ARCHIVE_SCHEMA:
+            db.execute(statement)
+        db.execute("INSERT INTO updates VALUES (11, 'r', ?, 'old', 1.0)", (typed[0],))
+    store = await opened()
+    assert [(r.id, r.data) for r in await store.history("r")] == list(zip(range(11, 15), typed))
+
+
+async def test_group_commits_go_on_while_the_archive_is_locked(opened, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Merges and compaction write the archive on their own connection: while another process
+    holds the archive's write lock (or a merge takes long), appends still commit and every read
+    still sees them; the merge completes once the lock is released."""
+    monkeypatch.setattr(storage_sqlite, "MERGE_ROWS", 5)
+    store = await opened()
+    lock = sqlite3.connect(store.archive_path, timeout=0)
+    lock.execute("BEGIN IMMEDIATE")
+    try:
+        ids = []
+        for n in range(6):
+            ids += await store.append_many(f"room-{n % 2}", [(update_of(f"{n}-{k}"), None) for k in range(3)])
+        assert store._merge_task is not None and not store._merge_task.done()  # waiting for the lock
+        assert _table_counts(store) == (18, 0)
+        assert [r.id for r in await store.history("room-0")] == [i for n in (0, 2, 4) for i in ids[3 * n:3 * n + 3]]
+    finally:
+        lock.rollback()
+        lock.close()
+    await wait_until(lambda: _table_counts(store)[1] == 18, what="the merge after the lock")
+    await store.append("room-1", update_of("next"))
+    assert _table_counts(store) == (1, 18)
+    assert len(await store.history("room-1")) == 10
