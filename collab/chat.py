@@ -268,6 +268,7 @@ class ChatService(Service):
         # one task (``_save_users``), never one transaction per join (see ``_remember``).
         self._unsaved: dict[str, dict[str, str]] = {}
         self._unsaved_count = 0
+        self._saving: dict[str, dict[str, str]] = {}  # the batch being written (not readable yet)
         self._saver: asyncio.Task[None] | None = None
 
     async def start(self, hub: Hub) -> None:
@@ -311,11 +312,14 @@ class ChatService(Service):
         while self._unsaved:
             batch, self._unsaved, self._unsaved_count = self._unsaved, {}, 0
             entries = [(room, user, name) for room, users in batch.items() for user, name in users.items()]
+            self._saving = batch
             try:
                 await self._hub.store.chat_put_users(entries)
             except Exception:  # noqa: BLE001 - mentions of them may miss; their next join retries
                 log.exception("storing known chat users failed", users=len(entries))
                 continue
+            finally:
+                self._saving = {}
             for entry in entries:
                 self._known[entry] = None
             while len(self._known) > KNOWN_USERS_CACHE:
@@ -495,11 +499,18 @@ class ChatService(Service):
         return current
 
     async def _users(self, room: Room) -> dict[str, str]:
+        # Joined moments ago, not stored yet: queued, or in a write the read below may not see
+        # (taken before the read: the write may end, and leave ``_saving``, while it runs).
+        waiting = self._waiting_users(room.name)
         users = await room.store.chat_users(room.name)
-        users.update(self._unsaved.get(room.name, ()))  # joined moments ago: not stored yet
+        users.update(waiting)
+        users.update(self._waiting_users(room.name))
         for member in room.members:
             users.setdefault(member.identity.user_id, member.identity.name)
         return users
+
+    def _waiting_users(self, room: str) -> dict[str, str]:
+        return {**self._saving.get(room, {}), **self._unsaved.get(room, {})}
 
     def _take(self, user: str) -> bool:
         cfg = self.settings

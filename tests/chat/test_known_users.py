@@ -11,7 +11,7 @@ import asyncio
 import sqlite3
 from collections.abc import Sequence
 
-from clients import YClient
+from clients import CollabClient, YClient
 from servers import InProcessServer, wait_until
 from storage import SQLiteStore
 
@@ -19,11 +19,16 @@ CROWD = 40
 
 
 class CountingStore(SQLiteStore):
-    """The real SQLite store, noting the size of each known-users write."""
+    """The real SQLite store, noting the size of each known-users write and each message written."""
 
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
         self.user_writes: list[int] = []
+        self.messages = 0
+
+    async def chat_add(self, message) -> None:  # type: ignore[no-untyped-def]
+        self.messages += 1
+        await super().chat_add(message)
 
     async def chat_put_users(self, users: Sequence[tuple[str, str, str]]) -> None:
         self.user_writes.append(len(users))
@@ -75,3 +80,33 @@ async def test_a_returning_user_is_not_written_again(tmp_path):
         await wait_until(bob_known, timeout=10, what="Bob stored")
         assert await store.chat_users("again") == {"dev:Ada": "Ada", "dev:Bob": "Bob"}
         assert sum(store.user_writes) == 2, store.user_writes
+
+
+async def test_a_joiner_whose_write_is_still_waiting_on_the_disk_can_be_mentioned(tmp_path):
+    """Known users leave the queue when their batch's write starts; until it commits, @mentions
+    must still find them (they did not: a mention right after a join could miss its user)."""
+    store = CountingStore(tmp_path / "collab.db", busy_timeout=30)
+    async with InProcessServer(tmp_path, store=store) as srv:
+        lock = sqlite3.connect(tmp_path / "collab.db", timeout=0)
+        lock.execute("BEGIN EXCLUSIVE")  # the disk stalls: Bob's write waits in flight
+        try:
+            async with CollabClient(srv.url, params={"name": "Bob"}) as bob:
+                await (await bob.join("flight")).chat.wait_joined()
+            await wait_until(lambda: store.user_writes == [1], timeout=10, what="Bob's write to start")
+            async with CollabClient(srv.url, params={"name": "Ada"}) as ada:
+                room = await ada.join("flight")
+                await room.chat.wait_joined()
+                sending = asyncio.ensure_future(room.chat.send("@Bob have a look"))
+                # Its mentions are resolved before the message is written (which waits too).
+                await wait_until(lambda: store.messages == 1, timeout=10, what="the message write to start")
+                lock.rollback()
+                sent = await asyncio.wait_for(sending, 20)
+        finally:
+            lock.rollback()
+            lock.close()
+        assert sent.mentions == ("dev:Bob",)
+
+        async def both_stored() -> bool:
+            return await store.chat_users("flight") == {"dev:Bob": "Bob", "dev:Ada": "Ada"}
+
+        await wait_until(both_stored, timeout=10, what="both stored once the disk is back")
