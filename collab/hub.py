@@ -10,7 +10,9 @@ Theory of operation
 * A room unloads once it has had no members for ``room_grace_seconds`` and its writer is idle
   (everything durable). Memory follows active rooms.
 * Every long-lived task (the room writer, compactions, the janitor) belongs to the hub's task group,
-  which the app's lifespan owns. ``drain`` waits for every room to be durable before stopping.
+  which the app's lifespan owns. ``drain`` waits for every room to be durable before stopping,
+  then folds the rooms' logs into their snapshots for half its budget, so that the first joins
+  after a restart read snapshots.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ from storage import Store
 # Control messages a bus synthesizes for the hub (never sent by clients).
 CONTROL_NODE_DOWN = "_node-down"  # payload: the dead node's id
 CONTROL_RESYNC = "_resync"  # room "" = every loaded room (e.g. after a bus reconnect)
+# Share of the drain budget (``drain_seconds``, counted from the drain's start) within which rooms
+# are still folded before the process exits; the rest is left for closing the store.
+DRAIN_COMPACT_SHARE = 0.5
 
 
 class RoomUnavailable(Exception):
@@ -105,17 +110,37 @@ class Hub:
                 self._tg = None
 
     async def drain(self) -> None:
-        """Stop accepting, close every socket with 1012, make every room durable."""
+        """Stop accepting, close every socket with 1012, make every room durable, then fold the
+        logs of the rooms that have one (see ``_compact_for_restart``)."""
         self.accepting = False
+        deadline = time.monotonic() + self.settings.drain_seconds * DRAIN_COMPACT_SHARE
         for conn in list(self.connections):
             conn.close(closecodes.SERVER_RESTART, "server restarting")
         for room in list(self.rooms.values()):
             await room.wait_idle()
+        await self._compact_for_restart(deadline)
         for service in self.services:
             await service.stop()
         for future in list(self._loading.values()):
             future.cancel()
         await self.bus.stop()
+
+    async def _compact_for_restart(self, deadline: float) -> None:
+        """Fold each loaded room's log into its snapshot, longest log first, one at a time, until
+        ``deadline``: the first join after the restart then reads one snapshot instead of
+        replaying the log (the automerge-paper document with 706 updates of tail: a room load of
+        ~20 ms, ~15 ms once folded). Rooms left when time runs out keep their log; nothing is lost
+        either way (compaction is optimistic and never drops an update)."""
+        rooms = sorted((r for r in self.rooms.values() if r.tail_updates > 0 and not r.poisoned),
+                       key=lambda r: r.tail_updates, reverse=True)
+        for done, room in enumerate(rooms):
+            if time.monotonic() >= deadline:
+                self.log.info("drain: rooms left unfolded", rooms=len(rooms) - done)
+                return
+            if room.compaction is not None:
+                await asyncio.wait([room.compaction])
+            if room.tail_updates > 0:
+                await room.compact()
 
     # -- rooms ---------------------------------------------------------------------------------
 

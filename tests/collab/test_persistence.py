@@ -24,6 +24,31 @@ async def test_edits_survive_a_graceful_restart(server_factory, tmp_path, node):
         assert fresh.text() == "persist me"
 
 
+async def test_a_graceful_stop_folds_each_rooms_log_into_its_snapshot(server_factory, tmp_path, node):
+    """The next start's first join reads one snapshot, not a replay of the log."""
+    srv = await server_factory(data_dir=tmp_path / "f", compact_after_updates=100_000)
+    writers = [await node.client(srv.url, room) for room in ("one", "two")]
+    await asyncio.gather(*(w.type_burst(60, interval_ms=1) for w in writers))
+    expected = {room: await w.text() for room, w in zip(("one", "two"), writers)}
+    for room, text in expected.items():  # stored: a fresh client gets only what is durable
+        async with YClient(srv.url, room) as fresh:
+            await wait_until(lambda: fresh.text() == text, timeout=10, what="the typing stored")
+    assert await srv.metric("collab_compactions_total") == 0
+    assert await srv.stop(signal.SIGTERM) == 0
+    store = open_store(str(tmp_path / "f" / "collab.db"))
+    await store.open()
+    try:
+        for room, text in expected.items():
+            state = await store.load(room)
+            assert state.updates == [] and state.snapshot
+            doc = pycrdt.Doc()
+            doc.apply_update(state.snapshot)
+            assert len(text) == 60 and str(doc.get("text", type=pycrdt.Text)) == text
+            assert len(await store.history(room)) == 60  # the history is kept
+    finally:
+        await store.close()
+
+
 async def test_sigkill_loses_nothing_another_client_received(server_factory, tmp_path, node):
     """Type continuously, SIGKILL the server mid-stream, then check that every character the
     observing client had received is in storage."""
