@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import subprocess
 import sys
 
@@ -110,6 +111,34 @@ async def test_join_cold_and_warm_on_a_restartable_server(tmp_path, paper):
     assert result["text_ok"] is True
     assert result["cold_ms"]["median"] > 0 and result["warm_ms"]["median"] > 0
     assert result["cold_over_warm"] > 0
+
+
+async def test_a_single_stall_does_not_end_the_rate_search(tmp_path):
+    """The server's disk stalls once, at the start of the search (another process holds its
+    database's write lock for a second): that step fails on p99, the same rate is run again and
+    holds, and the search goes on upwards instead of reporting the first rate as the limit.
+
+    The limit is 400 ms so that only the lock fails a step, not this host's own ~100 ms disk
+    pauses (with 30 updates in a step, p99 is the slowest one)."""
+    async with CollabServer(tmp_path / "collab", rate_limit=1e9, rate_burst=10**9) as server:
+        spec = LoadSpec(url=server.url, rooms=2, clients_per_room=2, workers=1)
+        async with LoadRunner(spec, server_pid=server.pid, server_label="collab", progress=False) as runner:
+            await runner.wait_ready(timeout=30.0, threshold_ms=50.0)
+            lock = sqlite3.connect(tmp_path / "collab" / "collab.db", timeout=5)
+            lock.execute("BEGIN IMMEDIATE")
+            asyncio.get_running_loop().call_later(1.0, lock.rollback)
+            try:
+                search = await search_sustainable(runner, start_rate=20, factor=2, step_duration=1.5, drain=1.5,
+                                                  p99_limit_ms=400.0, max_steps=2, refine=0, pause=0.1)
+            finally:
+                lock.rollback()
+                lock.close()
+    first, again, *rest = search["steps"]
+    assert (first["passed"], first["attempt"], first["verdict"][:4]) == (False, 1, "p99 ")
+    assert (again["passed"], again["attempt"]) == (True, 2), again["verdict"]
+    assert first["target_updates_per_s"] == again["target_updates_per_s"] == 20
+    assert rest and rest[0]["target_updates_per_s"] == 40  # the search went on
+    assert search["sustainable_updates_per_s"] >= again["updates_in_per_s"]
 
 
 async def test_one_real_comparison_step_against_the_node_reference_server(paper):
