@@ -13,7 +13,7 @@ from pathlib import Path
 import pycrdt
 import pytest
 
-from storage import PostgresStore, SQLiteStore, StoreClosed, StoreError, open_store
+from storage import PostgresStore, RoomState, SQLiteStore, StoreClosed, StoreError, open_store
 import storage.sqlite as storage_sqlite
 from storage.sqlite import MIGRATIONS, SCHEMA_VERSION
 from servers import wait_until
@@ -355,8 +355,9 @@ async def test_a_batch_compaction_and_meta_are_one_hop_each(opened, monkeypatch:
 async def test_concurrent_reads_are_queued_at_once_and_each_gets_its_own_answer(
         opened, monkeypatch: pytest.MonkeyPatch) -> None:
     """Reads go straight onto the reader's queue, not one at a time behind a lock that waits for
-    each to come back to the event loop (1,000 joiners waited ~600 ms for their room loads).
-    Interleaved, every read still answers for itself -- ``rooms`` included, which steps a cursor."""
+    each to come back to the event loop (1,000 joiners waited ~600 ms for their room loads), and
+    room loads asked for together are one read. Interleaved, every read still answers for itself
+    -- ``rooms`` included, which steps a cursor."""
     store = await opened()
     for n in range(30):
         await store.append_many(f"room-{n:02}", [(update_of(f"{n}-{k}"), f"a{n}") for k in range(n % 4 + 1)])
@@ -365,8 +366,9 @@ async def test_concurrent_reads_are_queued_at_once_and_each_gets_its_own_answer(
     reads += [asyncio.ensure_future(store.history(f"room-{n:02}")) for n in range(30)]
     reads += [asyncio.ensure_future(store.rooms(prefix)) for prefix in ("", "room-1", "room-2", "x")]
     await asyncio.sleep(0)  # one turn: every read has started
-    assert hops["reader"] == len(reads)  # all queued on the reader's thread already
+    assert hops["reader"] == 34  # the histories and room listings, queued on the reader already
     answers = await asyncio.gather(*reads)
+    assert hops["reader"] == 35  # + the 30 room loads, one read
     for n in range(30):
         assert len(answers[n].updates) == n % 4 + 1
         assert [row.author for row in answers[30 + n]] == [f"a{n}"] * (n % 4 + 1)
@@ -374,6 +376,40 @@ async def test_concurrent_reads_are_queued_at_once_and_each_gets_its_own_answer(
     assert answers[61] == [f"room-{n:02}" for n in range(10, 20)]
     assert answers[62] == [f"room-{n:02}" for n in range(20, 30)]
     assert answers[63] == []
+
+
+async def test_rooms_loaded_together_read_as_each_alone(opened, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One batched read serves rooms in every state at once -- snapshot and archived tail, rows
+    still only in ``recent``, rows in both files, no rows at all -- and hands each its own: the
+    same snapshot, tail and last id as that room loaded alone."""
+    monkeypatch.setattr(storage_sqlite, "MERGE_ROWS", 4)
+    store = await opened()
+    for n in range(3):
+        await store.append("folded", update_of(f"f{n}"))
+    assert await store.compact("folded")  # a snapshot; its rows kept as history
+    for n in range(3, 7):  # a tail, partly copied to the archive (a merge every MERGE_ROWS rows)...
+        await store.append("folded", update_of(f"f{n}"))
+    await wait_until(lambda: _table_counts(store)[1] > 3, what="the copy")
+    await store.append("folded", update_of("f7"))  # ...and rows in recent only
+    await store.append_many("fresh", [(update_of("x"), "a"), (update_of("y"), "a")])  # in recent only
+    rooms = ["folded", "fresh", "nothing", "folded"]
+    alone = [await store.load(room) for room in rooms]
+    hops = count_hops(store, monkeypatch)
+    together = await asyncio.gather(*(store.load(room) for room in rooms))
+    assert hops["reader"] == 1
+    assert together == alone
+    assert alone[0].snapshot is not None and len(alone[0].updates) == 5 and alone[1].snapshot is None
+    assert len(alone[1].updates) == 2 and alone[2] == RoomState(None, [], 0, 0)
+
+
+async def test_a_failed_batched_load_fails_each_waiter_and_the_next_load_reads_again(opened) -> None:
+    store = await opened()
+    await store.append("r", update_of("kept"))
+    await store._reader.close()  # the reader breaks under the waiting loads
+    results = await asyncio.gather(*(store.load(room) for room in ("r", "s", "r")), return_exceptions=True)
+    assert all(isinstance(result, StoreError) for result in results)
+    state = await store.load("r")  # the reader is checked, found broken and reconnected
+    assert text_of_store_state(state.snapshot, state.updates) == "kept"
 
 
 async def test_a_failed_batch_is_rolled_back_whole_and_the_writer_carries_on(opened) -> None:
