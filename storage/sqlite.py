@@ -1159,7 +1159,8 @@ def _read_rooms(conn: sqlite3.Connection, rooms: list[str]) -> dict[str, _RoomRe
         snapshots = {room: (data, int(upto)) for room, data, upto in conn.execute(
             f"SELECT room, data, upto_id FROM snapshots WHERE room IN ({marks})", rooms).fetchall()}
         (merged,) = conn.execute("SELECT upto FROM archive.merged").fetchone()
-        wanted = [value for room in rooms for value in (room, snapshots.get(room, (None, 0))[1])]
+        upto = {room: snapshots[room][1] if room in snapshots else 0 for room in rooms}
+        wanted = [value for room in rooms for value in (room, upto[room])]
         archived = conn.execute(
             f"WITH wanted(room, upto) AS (VALUES {','.join(['(?, ?)'] * len(rooms))}) "
             "SELECT u.room, u.id, u.data FROM wanted CROSS JOIN archive.updates AS u "
@@ -1170,12 +1171,12 @@ def _read_rooms(conn: sqlite3.Connection, rooms: list[str]) -> dict[str, _RoomRe
     for room, row_id, data in archived:
         tails[room].append((int(row_id), bytes(data)))
     for room, row_id, data in hot:  # above both the merge and the room's snapshot: not read yet
-        if row_id > max(merged, snapshots.get(room, (None, 0))[1]):
+        if row_id > max(merged, upto[room]):
             tails[room].append((int(row_id), bytes(data)))
     reads: dict[str, _RoomRead] = {}
     for room in rooms:
-        data, upto_id = snapshots.get(room, (None, 0))
-        reads[room] = (bytes(data) if data is not None else None), upto_id, tails[room]
+        data = snapshots[room][0] if room in snapshots else None
+        reads[room] = (bytes(data) if data is not None else None), upto[room], tails[room]
     return reads
 
 
