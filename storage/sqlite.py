@@ -339,25 +339,14 @@ class SQLiteStore(GroupCommitStore):
             await self._close_connections()
 
     async def _connect(self, *, read_only: bool = False) -> aiosqlite.Connection:
-        # isolation_level=None: no implicit transactions; every transaction here is explicit.
-        db = await aiosqlite.connect(
-            self.path, isolation_level=None, cached_statements=64 if read_only else WRITER_CACHED_STATEMENTS
-        )
-        try:
-            await db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-            async with db.execute("PRAGMA journal_mode = WAL") as cursor:
-                row = await cursor.fetchone()
-            if row is None or str(row[0]).lower() != "wal":
-                raise StoreError(f"{str(self.path)!r} cannot use WAL (journal_mode={row})")
-            await db.execute(f"PRAGMA synchronous = {self.synchronous}")
-            await db.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
-            if read_only:
-                await db.execute("ATTACH DATABASE ? AS archive", (str(self.archive_path),))
-                await db.execute("PRAGMA query_only = ON")
-        except BaseException:
-            await db.close()
-            raise
-        return db
+        """The writer, or the reader (with the archive attached as ``archive``), on the main file."""
+        async def as_reader(db: aiosqlite.Connection) -> None:
+            await db.execute("ATTACH DATABASE ? AS archive", (str(self.archive_path),))
+            await db.execute("PRAGMA query_only = ON")
+
+        if read_only:
+            return await self._open_wal(self.path, self.synchronous, 64, as_reader)
+        return await self._open_wal(self.path, self.synchronous, WRITER_CACHED_STATEMENTS)
 
     async def _connect_archive(self) -> aiosqlite.Connection:
         """The maintenance connection: the archive file, with the main file attached as ``hot``.
@@ -365,19 +354,32 @@ class SQLiteStore(GroupCommitStore):
         Always ``synchronous=FULL``: a merge's commit must be on disk before the main file drops
         the rows it copied (the two files' WALs are synced separately), and it costs the group
         commits nothing -- this connection is theirs to never wait for."""
-        db = await aiosqlite.connect(self.archive_path, isolation_level=None, cached_statements=64)
+        async def as_maintenance(db: aiosqlite.Connection) -> None:
+            await db.execute(f"PRAGMA cache_size = {-ARCHIVE_CACHE_KIB}")
+            for statement in ARCHIVE_SCHEMA:
+                await db.execute(statement)
+            await db.execute("ATTACH DATABASE ? AS hot", (str(self.path),))
+
+        return await self._open_wal(self.archive_path, "FULL", 64, as_maintenance)
+
+    async def _open_wal(
+        self, path: Path, synchronous: str, cached_statements: int,
+        setup: Callable[[aiosqlite.Connection], Awaitable[None]] | None = None,
+    ) -> aiosqlite.Connection:
+        """A connection to ``path`` in WAL mode with our pragmas, then ``setup``; closed again if
+        any of it fails."""
+        # isolation_level=None: no implicit transactions; every transaction here is explicit.
+        db = await aiosqlite.connect(path, isolation_level=None, cached_statements=cached_statements)
         try:
             await db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
             async with db.execute("PRAGMA journal_mode = WAL") as cursor:
                 row = await cursor.fetchone()
             if row is None or str(row[0]).lower() != "wal":
-                raise StoreError(f"{str(self.archive_path)!r} cannot use WAL (journal_mode={row})")
-            await db.execute("PRAGMA synchronous = FULL")
+                raise StoreError(f"{str(path)!r} cannot use WAL (journal_mode={row})")
+            await db.execute(f"PRAGMA synchronous = {synchronous}")
             await db.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
-            await db.execute(f"PRAGMA cache_size = {-ARCHIVE_CACHE_KIB}")
-            for statement in ARCHIVE_SCHEMA:
-                await db.execute(statement)
-            await db.execute("ATTACH DATABASE ? AS hot", (str(self.path),))
+            if setup is not None:
+                await setup(db)
         except BaseException:
             await db.close()
             raise
@@ -462,11 +464,8 @@ class SQLiteStore(GroupCommitStore):
         while self._merge_again and self._state == "open":
             self._merge_again = False
             try:
-                async with self._maint_lock:
-                    db = await self._maintainable()
-                    self._merged(await _in_thread(db, _merge_recent))
+                self._merged(await self._in_archive(_merge_recent))
             except Exception as exc:  # noqa: BLE001 - nothing is lost; the next merge tries again
-                self._maint_suspect = True
                 log.warning("moving recent rows of %s to its archive failed: %r", self.path, exc)
                 return
 
@@ -474,13 +473,20 @@ class SQLiteStore(GroupCommitStore):
         if upto > self._delete_upto:
             self._delete_upto = upto
 
-    async def _maintainable(self) -> aiosqlite.Connection:
-        """The maintenance connection; after a failure, checked and reconnected if broken."""
+    async def _in_archive(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(connection, *args)`` on the maintenance connection, under its lock: the connection
+        is checked and reconnected first after a failure, and any failure marks it for that."""
         if self._state == "closed":
             raise StoreClosed(f"{self!r} is closed")
-        self._maint = await self._usable(self._maint, self._maint_suspect, "archive writer", self._connect_archive)
-        self._maint_suspect = False
-        return self._maint
+        async with self._maint_lock:
+            try:
+                self._maint = await self._usable(
+                    self._maint, self._maint_suspect, "archive writer", self._connect_archive)
+                self._maint_suspect = False
+                return await _in_thread(self._maint, fn, *args)
+            except Exception:
+                self._maint_suspect = True
+                raise
 
     def _rows_of(self, batch: list[Pending]) -> tuple[list[tuple[str, bytes, str | None, float]], set[str]]:
         """A batch's rows for ``_insert_batch``, and its rooms not yet known to be in the rooms table."""
@@ -896,11 +902,8 @@ class SQLiteStore(GroupCommitStore):
         else in ``recent``, if the room has rows there), then its snapshot and archived tail."""
         self._check_open()
         try:
-            async with self._maint_lock:
-                db = await self._maintainable()
-                merged_upto, state = await _in_thread(db, _merge_and_read, room)
+            merged_upto, state = await self._in_archive(_merge_and_read, room)
         except (sqlite3.Error, ValueError) as exc:
-            self._maint_suspect = True
             raise StoreError(f"compaction of {room!r} failed: {exc}") from exc
         if merged_upto:
             self._merged(merged_upto)
@@ -911,14 +914,9 @@ class SQLiteStore(GroupCommitStore):
     ) -> bool:
         self._check_open()
         try:
-            async with self._maint_lock:
-                db = await self._maintainable()
-                return await _in_thread(
-                    db, _replace_snapshot, room, folded, expected_upto_id, new_upto_id,
-                    self.history_keep, time.time(),
-                )
+            return await self._in_archive(_replace_snapshot, room, folded, expected_upto_id, new_upto_id,
+                                          self.history_keep, time.time())
         except (sqlite3.Error, ValueError) as exc:
-            self._maint_suspect = True
             raise StoreError(f"compaction of {room!r} failed: {exc}") from exc
 
 
