@@ -236,7 +236,10 @@ def render(rows: dict[str, dict[str, Any]], machine: dict[str, Any], cfg: dict[s
                          "(durability on for us, off for it)", text, "met" if ratio and ratio >= 1 else "NOT met"])
     cpu_row = line("server CPU per update at the fixed load (µs, all threads)",
                    lambda r: num(r["fixed"]["server_process"].get("cpu_us_per_update")))
+    main_row = line("… of which the main thread (the event loop; µs)",
+                    lambda r: num(r["fixed"]["server_process"].get("main_thread_us_per_update")))
     table_rows.insert(4, cpu_row)
+    table_rows.insert(5, main_row)
     return "\n".join([
         "## Comparison (`make bench-compare`)" + (" — quick run" if quick else ""),
         "",

@@ -730,6 +730,7 @@ class LoadRunner:
         build_s = time.monotonic() - prepared
         start_at = time.monotonic() + 0.3
         cpu0 = self.sampler.snapshot() if self.sampler else None
+        main0 = self.sampler.main_thread_cpu() if self.sampler else None
         self._broadcast({"cmd": "go", "start_at": start_at, "duration": duration, "drain": drain, "step": step_id,
                          "warmup": warmup})
         self.log(f"step {step_id}{' ' + label if label else ''}: {total_rate:,.0f} updates/s "
@@ -755,6 +756,7 @@ class LoadRunner:
 
         replies = await self._collect("result", timeout=duration + drain + 120, on_progress=on_progress)
         cpu1 = self.sampler.snapshot() if self.sampler else None
+        main1 = self.sampler.main_thread_cpu() if self.sampler else None
         end = start_at + duration
         result = self._merge(step_id, label, total_rate, rate, duration, start_at, end, replies, warmup)
         if cpu0 is not None and cpu1 is not None and result["updates_sent"]:
@@ -763,6 +765,10 @@ class LoadRunner:
             cpu_s = cpu1[0] - cpu0[0]
             result["server_process"]["cpu_s"] = round(cpu_s, 3)
             result["server_process"]["cpu_us_per_update"] = round(cpu_s / result["updates_sent"] * 1e6, 1)
+            if main0 is not None and main1 is not None:
+                # The event loop's share: the part no other core can take over.
+                result["server_process"]["main_thread_us_per_update"] = round(
+                    (main1 - main0) / result["updates_sent"] * 1e6, 1)
         return result
 
     def _merge(self, step_id: int, label: str, total_rate: float, rate: float, duration: float,

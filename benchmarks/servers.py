@@ -288,6 +288,20 @@ class ProcSampler:
         except psutil.Error:
             return None
 
+    def main_thread_cpu(self) -> float | None:
+        """Cumulative CPU seconds of the process's main thread (the event loop of our server, of
+        pycrdt-websocket's and of Node's): with ``snapshot`` it splits the CPU into the loop's
+        share and the rest (storage threads, V8's garbage collector). None without a pid."""
+        if self._proc is None:
+            return None
+        try:
+            for thread in self._proc.threads():
+                if thread.id == self.pid:
+                    return thread.user_time + thread.system_time
+        except psutil.Error:
+            return None
+        return None
+
     def start(self) -> ProcSampler:
         if self._proc is not None and self._task is None:
             self._task = asyncio.create_task(self._run())

@@ -51,6 +51,9 @@ async def test_load_against_a_collab_server(server_factory):
     assert step["deliveries_expected"] == step["updates_sent"] * 2  # 2 other members per room
     assert step["echoes"] == 0  # this server does not echo an update to its sender
     assert step["server_process"]["rss_mb"] is not None
+    # The event loop's share of the server's CPU: some of it, never more than the whole.
+    process = step["server_process"]
+    assert 0 < process["main_thread_us_per_update"] <= process["cpu_us_per_update"]
     assert step_passes(step, p99_limit_ms=10_000)[0]
 
 
