@@ -72,6 +72,9 @@ DEFAULT_HISTORY_KEEP = 20_000
 MAX_META_KEY_BYTES = 256
 MAX_META_VALUE_BYTES = 1024 * 1024
 MAX_META_KEYS = 10_000
+# A room as a backend reads it for a load or a fold: its snapshot (or None), the snapshot's
+# upto_id, and the tail rows above it as (id, data).
+RoomRead = tuple[bytes | None, int, list[tuple[int, bytes]]]
 
 
 class StoreError(Exception):

@@ -60,6 +60,7 @@ from .base import (
     DEFAULT_HISTORY_KEEP,
     FoldCache,
     MAX_META_KEYS,
+    RoomRead,
     RoomState,
     StoreError,
     StoredUpdate,
@@ -462,7 +463,7 @@ class PostgresStore(GroupCommitStore):
 
     # -- reads -------------------------------------------------------------------------------
 
-    async def _read_room(self, room: str) -> tuple[bytes | None, int, list[tuple[int, bytes]]]:
+    async def _read_room(self, room: str) -> RoomRead:
         rows = await self._read("load", lambda conn: conn.fetch(READ_ROOM, room))
         return _split_room(rows)
 
@@ -789,7 +790,7 @@ async def _lost(conn: asyncpg.Connection, exc: BaseException) -> bool:
     return conn.is_closed()
 
 
-def _split_room(rows: list[Any]) -> tuple[bytes | None, int, list[tuple[int, bytes]]]:
+def _split_room(rows: list[Any]) -> RoomRead:
     snapshot: bytes | None = None
     upto_id = 0
     tail: list[tuple[int, bytes]] = []

@@ -91,6 +91,7 @@ from .base import (
     DEFAULT_HISTORY_KEEP,
     FoldCache,
     MAX_META_KEYS,
+    RoomRead,
     RoomState,
     StoreClosed,
     StoreError,
@@ -255,8 +256,6 @@ COMPACT_ATTEMPTS = 3
 KNOWN_ROOMS_CACHE = 100_000
 
 T = TypeVar("T")
-# A room as read for a load: its snapshot (or None), the snapshot's upto_id, the tail rows (id, data).
-_RoomRead = tuple[bytes | None, int, list[tuple[int, bytes]]]
 
 Synchronous = Literal["FULL", "NORMAL"]
 
@@ -305,7 +304,7 @@ class SQLiteStore(GroupCommitStore):
         self._merge_task: asyncio.Task[None] | None = None
         self._merge_again = False  # a merge was asked for while one ran
         self._delete_upto = 0  # rows of ``recent`` up to this id are merged: the next batch deletes them
-        self._loads: list[tuple[str, asyncio.Future[_RoomRead]]] = []  # room loads for the next read
+        self._loads: list[tuple[str, asyncio.Future[RoomRead]]] = []  # room loads for the next read
         self._load_task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
@@ -578,13 +577,13 @@ class SQLiteStore(GroupCommitStore):
             tail_bytes=sum(len(u) for u in updates),
         )
 
-    async def _read_room(self, room: str) -> _RoomRead:
+    async def _read_room(self, room: str) -> RoomRead:
         """Snapshot, its upto_id and the tail rows (id, data), from one read transaction: the
         read of every room asked for while the one before was on the reader's thread (see
         ``_load_rooms``)."""
         self._check_open()
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[_RoomRead] = loop.create_future()
+        future: asyncio.Future[RoomRead] = loop.create_future()
         self._loads.append((room, future))
         if self._load_task is None or self._load_task.done():
             self._load_task = loop.create_task(self._load_rooms())
@@ -897,7 +896,7 @@ class SQLiteStore(GroupCommitStore):
                 return True
         return False
 
-    async def _archived_room(self, room: str) -> tuple[bytes | None, int, list[tuple[int, bytes]]]:
+    async def _archived_room(self, room: str) -> RoomRead:
         """What compaction folds: the room's rows moved to the archive first (with everything
         else in ``recent``, if the room has rows there), then its snapshot and archived tail."""
         self._check_open()
@@ -1096,9 +1095,7 @@ def _merge_in_transaction(conn: sqlite3.Connection) -> int:
     return int(done)
 
 
-def _merge_and_read(
-    conn: sqlite3.Connection, room: str
-) -> tuple[int, tuple[bytes | None, int, list[tuple[int, bytes]]]]:
+def _merge_and_read(conn: sqlite3.Connection, room: str) -> tuple[int, RoomRead]:
     """Compaction's read, on the maintenance connection: if ``recent`` has rows of ``room`` not
     yet archived, merge (all of them, like any merge); then the room's snapshot and archived tail.
     Returns (the merge's ``upto``, or 0 if none ran; the room's state)."""
@@ -1143,7 +1140,7 @@ def _room_names(conn: sqlite3.Connection, prefix: str) -> list[str]:
     return names
 
 
-def _read_rooms(conn: sqlite3.Connection, rooms: list[str]) -> dict[str, _RoomRead]:
+def _read_rooms(conn: sqlite3.Connection, rooms: list[str]) -> dict[str, RoomRead]:
     """Snapshot, upto_id and tail rows of each of ``rooms`` (distinct), on the reader, in one read
     transaction (see "Reads across the files" for the order): ``recent`` first, then the
     snapshots, ``merged`` and the archived rows above each room's snapshot -- one statement each,
@@ -1171,7 +1168,7 @@ def _read_rooms(conn: sqlite3.Connection, rooms: list[str]) -> dict[str, _RoomRe
     for room, row_id, data in hot:  # above both the merge and the room's snapshot: not read yet
         if row_id > max(merged, upto[room]):
             tails[room].append((int(row_id), bytes(data)))
-    reads: dict[str, _RoomRead] = {}
+    reads: dict[str, RoomRead] = {}
     for room in rooms:
         data = snapshots[room][0] if room in snapshots else None
         reads[room] = (bytes(data) if data is not None else None), upto[room], tails[room]
