@@ -268,7 +268,8 @@ def _flag(value: object) -> str:
 
 
 class ProcSampler:
-    """Samples a process's CPU (% of one core) and RSS every ``interval`` seconds."""
+    """Samples a process's CPU (% of one core) and RSS every ``interval`` seconds, with those of
+    its children (our SQLite writer process): what the server costs, whatever shape it has."""
 
     def __init__(self, pid: int | None, interval: float = 0.5) -> None:
         self.pid = pid
@@ -284,9 +285,18 @@ class ProcSampler:
         try:
             with self._proc.oneshot():
                 t = self._proc.cpu_times()
-                return t.user + t.system, self._proc.memory_info().rss
+                cpu, rss = t.user + t.system, self._proc.memory_info().rss
+                children = self._proc.children(recursive=True)
         except psutil.Error:
             return None
+        for child in children:
+            try:
+                with child.oneshot():
+                    t = child.cpu_times()
+                    cpu, rss = cpu + t.user + t.system, rss + child.memory_info().rss
+            except psutil.Error:
+                continue  # it just exited
+        return cpu, rss
 
     def main_thread_cpu(self) -> float | None:
         """Cumulative CPU seconds of the process's main thread (the event loop of our server, of

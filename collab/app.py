@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -19,7 +20,7 @@ from collab.metrics import Metrics
 from collab.services import Service
 from collab.settings import Settings
 from collab.transport import WebsocketEndpoint, room_name_problem
-from storage import Store, open_store
+from storage import Store, is_postgres_url, open_store
 
 log = get_logger("collab.app")
 
@@ -51,8 +52,12 @@ def default_services(settings: Settings, store: Store) -> list[Service]:
 def create_app(settings: Settings, *, store: Store | None = None, network: LocalNetwork | None = None,
                clock: Callable[[], float] = time.monotonic, services: list[Service] | None = None) -> RoomsFirst:
     metrics = Metrics()
-    store = store or open_store(settings.store, synchronous=settings.sqlite_synchronous,
-                                 commit_interval=settings.commit_interval_ms / 1000)
+    if store is None:
+        options: dict[str, Any] = {"synchronous": settings.sqlite_synchronous,
+                                   "commit_interval": settings.commit_interval_ms / 1000}
+        if not is_postgres_url(settings.store):
+            options["writer"] = settings.sqlite_writer
+        store = open_store(settings.store, **options)
     services = default_services(settings, store) if services is None else services
     hub = Hub(settings, store, metrics, make_bus(settings, metrics, network), clock=clock, services=services)
     started = time.time()

@@ -70,6 +70,7 @@ class Settings:
     compact_after_bytes: int = field(default=1024 * 1024, metadata={"help": "…or past this many bytes"})
     compactions_at_once: int = field(default=1, metadata={"help": "compactions running at the same time, over all rooms"})
     sqlite_synchronous: str = field(default="FULL", metadata={"help": "FULL (power-loss safe) or NORMAL (crash safe)"})
+    sqlite_writer: str = field(default="process", metadata={"help": "where SQLite group commits run: process (a child process: no GIL contention with the event loop) or thread"})
     commit_interval_ms: float = field(default=2.0, metadata={"help": "under load, start a storage commit at most this often (fewer, larger commits; 0 = commit as soon as possible)"})
 
     # Presence.
@@ -125,6 +126,7 @@ class Settings:
         check(self.secret is None or len(self.secret) >= 16, "--secret must be at least 16 characters")
         check(self.redis is None or self.redis.startswith(("redis://", "rediss://", "unix://")), "--redis must be a redis:// URL")
         check(self.sqlite_synchronous.upper() in ("FULL", "NORMAL"), "--sqlite-synchronous must be FULL or NORMAL")
+        check(self.sqlite_writer in ("process", "thread"), "--sqlite-writer must be process or thread")
         check(0 <= self.commit_interval_ms <= 1000, "--commit-interval-ms must be between 0 and 1000")
         check(self.ws_impl in ("websockets-sansio", "websockets", "wsproto"), "--ws-impl must be websockets-sansio, websockets or wsproto")
         check(1024 <= self.max_frame_bytes <= 1024**3, "--max-frame-bytes must be between 1 KiB and 1 GiB")

@@ -47,6 +47,7 @@ __all__ = [
     "StoreError",
     "StoredUpdate",
     "fold_updates",
+    "is_postgres_url",
     "open_store",
 ]
 
@@ -58,6 +59,7 @@ _SQLITE_URL_OPTIONS: dict[str, type] = {
     "max_pending_bytes": int,
     "history_keep": int,
     "commit_interval": float,
+    "writer": str,
 }
 # Options of ours a postgresql URL may carry; every other query parameter goes to asyncpg (sslmode,
 # or any server setting such as ?statement_timeout=...).
@@ -75,6 +77,10 @@ _POSTGRES_URL_OPTIONS: dict[str, type] = {
 }
 
 
+def is_postgres_url(url: str) -> bool:
+    return url.startswith(("postgresql:", "postgres:"))
+
+
 def open_store(url: str, **options: Any) -> Store:
     """The store at ``url``, not yet opened: ``await store.open()`` or ``async with store``.
 
@@ -83,7 +89,7 @@ def open_store(url: str, **options: Any) -> Store:
     ``postgres://``). Options in the query string (``?history_keep=0``, ``?schema=collab``...) are
     overridden by keyword ``options``.
     """
-    if url.startswith(("postgresql:", "postgres:")):
+    if is_postgres_url(url):
         parts = urlsplit(url)
         if not url.startswith(("postgresql://", "postgres://")):
             raise ValueError(f"{url!r}: use postgresql://user@host:port/db")

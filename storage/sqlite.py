@@ -19,6 +19,13 @@ Theory of operation
   Every write transaction takes the write lock up front (``BEGIN IMMEDIATE``, or a single write
   statement in autocommit, which takes it at its start), so it waits on the busy handler instead
   of failing half-way when another process wrote first.
+* The writer process (``writer="process"``, the server's default; ``storage.sqlite_writer``): the
+  group commits run in a child process with a connection of its own, so a commit never waits for
+  the GIL of a busy event loop (at 12,500 updates/s: commit 6.2 -> 4.0 ms, p99 78 -> 49 ms). The
+  writer connection here keeps everything else (chat, metadata, migrations) and any batch written
+  while the child is down; SQLite's write lock orders the two. If the child dies, its batch fails
+  like any failed commit and the flusher starts another child (at most every WRITER_PROCESS_RETRY
+  seconds if it cannot), writing in-process meanwhile.
 * Group commit (``groupcommit.GroupCommitStore``): each batch of queued appends (up to
   MAX_BATCH_*) is one transaction: up to 256 rows to rooms already known is ONE multi-row INSERT
   in autocommit; more rows, or a new room, is ``BEGIN IMMEDIATE`` + INSERTs of up to 256 rows +
@@ -122,6 +129,12 @@ from .chat import (
     from_row,
     to_row,
     toggle_reaction,
+)
+from .sqlite_writer import (
+    WRITER_CACHED_STATEMENTS,
+    WriterProcess,
+    insert_batch as _insert_batch,
+    rollback_quietly as _rollback_sync,
 )
 from .groupcommit import (
     DEFAULT_COMMIT_INTERVAL,
@@ -272,6 +285,7 @@ class SQLiteStore(GroupCommitStore):
         history_keep: int = DEFAULT_HISTORY_KEEP,
         fold_cache_bytes: int = DEFAULT_FOLD_CACHE_BYTES,
         commit_interval: float = DEFAULT_COMMIT_INTERVAL,
+        writer: str = "thread",
     ) -> None:
         path = Path(path).expanduser()
         if str(path) in ("", ".") or str(path).startswith(":memory:"):
@@ -281,6 +295,8 @@ class SQLiteStore(GroupCommitStore):
             raise ValueError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
         if busy_timeout < 0:
             raise ValueError("busy_timeout must be >= 0")
+        if writer not in ("thread", "process"):
+            raise ValueError(f"writer must be 'thread' or 'process', not {writer!r}")
         super().__init__(max_pending=max_pending, max_pending_bytes=max_pending_bytes, commit_interval=commit_interval)
         self.path = path
         self.synchronous: Synchronous = "FULL" if mode == "FULL" else "NORMAL"
@@ -291,6 +307,12 @@ class SQLiteStore(GroupCommitStore):
         self.archive_path = path.with_name(path.name + ARCHIVE_SUFFIX)
 
         self._writer: aiosqlite.Connection | None = None
+        # Group commits in a process of their own (``writer="process"``, see storage.sqlite_writer):
+        # None while it is not running; started again by the flusher after it died or failed to
+        # start, at most once per WRITER_PROCESS_RETRY seconds (batches are written in-process meanwhile).
+        self.writer_mode = writer
+        self._process: WriterProcess | None = None
+        self._process_retry_at = 0.0
         self._reader: aiosqlite.Connection | None = None
         self._maint: aiosqlite.Connection | None = None
         self._writer_suspect = False
@@ -319,6 +341,8 @@ class SQLiteStore(GroupCommitStore):
             self._maint = await self._connect_archive()
             await self._migrate(self._writer, self._maint)
             self._reader = await self._connect(read_only=True)
+            if self.writer_mode == "process":
+                await self._start_process()
         except (OSError, sqlite3.Error) as exc:
             await self._close_connections()
             raise StoreError(f"cannot open SQLite store {str(self.path)!r}: {exc}") from exc
@@ -328,6 +352,9 @@ class SQLiteStore(GroupCommitStore):
 
     async def _close_backend(self) -> None:
         self._folds.clear()
+        process, self._process = self._process, None
+        if process is not None:
+            await process.close()  # after the flusher drained: it holds no batch
         task, self._merge_task = self._merge_task, None
         if task is not None:
             await asyncio.gather(task, return_exceptions=True)  # it logs its own failure
@@ -412,6 +439,24 @@ class SQLiteStore(GroupCommitStore):
             await _rollback(db)
             raise
 
+    async def _start_process(self) -> None:
+        """Start the writer process (after a dead one is reaped); if it cannot start, say so and
+        write in-process until the next try."""
+        old, self._process = self._process, None
+        if old is not None:
+            await old.close()
+        try:
+            self._process = await WriterProcess.start(str(self.path), self.synchronous, self.busy_timeout, WAL_SIZE_LIMIT)
+        except Exception as exc:  # noqa: BLE001 - the in-process writer carries on
+            self._process_retry_at = time.monotonic() + WRITER_PROCESS_RETRY
+            log.warning("cannot start the SQLite writer process of %s (writing in-process): %r", self.path, exc)
+
+    def _process_due(self) -> bool:
+        """Should the flusher (re)start the writer process before its next batch?"""
+        process = self._process
+        return (self.writer_mode == "process" and self._state == "open" and (process is None or not process.alive)
+                and time.monotonic() >= self._process_retry_at)
+
     async def _close_connections(self) -> None:
         for db in (self._writer, self._reader, self._maint):
             if db is not None:
@@ -421,6 +466,8 @@ class SQLiteStore(GroupCommitStore):
     # -- the flusher's transaction ---------------------------------------------------------
 
     async def _write_batch(self, batch: list[Pending]) -> list[int]:
+        if self._process_due():
+            await self._start_process()  # for the next batches; this one is written in-process
         rows, new_rooms = self._rows_of(batch)
         merge = self._merge_due(len(rows))
         async with self._write_lock:
@@ -503,15 +550,21 @@ class SQLiteStore(GroupCommitStore):
         # Not while someone holds the writer (a chat or meta transaction may span several queued
         # calls) or it needs a health check / reconnect: the flusher task does those. (Only
         # asked while the store is open.)
+        if self._write_lock.locked():
+            return False
+        process = self._process
+        if process is not None:
+            return process.alive  # a dead one: the flusher starts another
+        if self._process_due():
+            return False
         writer = self._writer
-        return writer is not None and writer._running and not self._writer_suspect and not self._write_lock.locked()
+        return writer is not None and writer._running and not self._writer_suspect
 
     def _start_write(self, batch: list[Pending], done: Callable[[list[int] | None, BaseException | None], None]) -> None:
-        """``_write_batch`` without a task: ``_insert_batch`` is queued on the writer's thread
-        (after whatever is queued there, each a whole transaction) and reports back with one
+        """``_write_batch`` without a task: ``_insert_batch`` is sent to the writer process, whose
+        answer calls ``done`` from the socket's I/O callback, or else queued on the writer's thread
+        (after whatever is queued there, each a whole transaction), which reports back with one
         ``call_soon_threadsafe`` straight into ``done`` -- no future to resolve, no task to wake."""
-        writer = self._writer
-        assert writer is not None
         rows, new_rooms = self._rows_of(batch)
         merge = self._merge_due(len(rows))
         delete_upto = self._take_delete()
@@ -524,6 +577,13 @@ class SQLiteStore(GroupCommitStore):
                     self._request_merge()
             else:
                 done(None, exc)
+
+        process = self._process
+        if process is not None:
+            process.submit(rows, sorted(new_rooms), time.time(), delete_upto, finished)
+            return
+        writer = self._writer
+        assert writer is not None
 
         def job() -> None:  # on the writer's thread
             try:
@@ -990,6 +1050,8 @@ def _call_with_connection(db: aiosqlite.Connection, fn: Callable[..., T], args: 
     return fn(db._conn, *args)  # _conn raises ValueError once the connection is closed
 
 
+# After the writer process failed to start, try again this much later (writing in-process meanwhile).
+WRITER_PROCESS_RETRY = 5.0
 # Rows a process puts in ``recent`` before it has them all copied to the archive.
 MERGE_ROWS = 2048
 # Rooms read by one batched load (``_read_rooms``): three bound parameters each.
@@ -997,62 +1059,6 @@ LOAD_BATCH = 256
 # The maintenance connection's page cache: the archive index's pages each merge touches (one per
 # room in it) stay in memory.
 ARCHIVE_CACHE_KIB = 32 * 1024
-_INSERT_CHUNK = 256  # rows per multi-row INSERT: 1,024 parameters (SQLite allows 32,766)
-# Writer connection's prepared-statement cache: one multi-row INSERT per batch size seen, plus the rest.
-WRITER_CACHED_STATEMENTS = _INSERT_CHUNK + 64
-
-
-@functools.lru_cache(maxsize=_INSERT_CHUNK)
-def _insert_sql(n: int) -> str:
-    return "INSERT INTO recent (room, data, author, ts) VALUES " + ",".join(["(?, ?, ?, ?)"] * n)
-
-
-def _insert_batch(
-    conn: sqlite3.Connection, rows: list[tuple[str, bytes, str | None, float]], new_rooms: list[str], now: float,
-    delete_upto: int = 0,
-) -> int:
-    """The flusher's transaction: the rows, their rooms; the last row's id. ``delete_upto``: also
-    delete the rows of ``recent`` up to that id (a merge copied them to the archive).
-
-    The sqlite3 module releases the GIL around every statement step and must take it back after;
-    on a busy server each re-take waits for the event loop to let go (up to the switch interval,
-    5 ms). So a batch is as few statements as possible: up to _INSERT_CHUNK rows and no new room
-    is ONE multi-row INSERT run as its own (autocommit) transaction -- it takes the write lock at its
-    start and waits on the busy handler like BEGIN IMMEDIATE -- and anything bigger is chunks of
-    _INSERT_CHUNK rows in one BEGIN IMMEDIATE transaction."""
-    if not new_rooms and not delete_upto and len(rows) <= _INSERT_CHUNK:
-        try:
-            cursor = conn.execute(_insert_sql(len(rows)), [value for row in rows for value in row])
-        except BaseException:
-            _rollback_sync(conn)
-            raise
-        if cursor.rowcount != len(rows) or cursor.lastrowid is None:
-            raise StoreError(f"inserted {cursor.rowcount} rows of {len(rows)}")
-        return int(cursor.lastrowid)
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        inserted = 0
-        last_id = None
-        for start in range(0, len(rows), _INSERT_CHUNK):
-            chunk = rows[start:start + _INSERT_CHUNK]
-            cursor = conn.execute(_insert_sql(len(chunk)), [value for row in chunk for value in row])
-            inserted += cursor.rowcount
-            last_id = cursor.lastrowid
-        if inserted != len(rows) or last_id is None:
-            raise StoreError(f"inserted {inserted} rows of {len(rows)}")
-        if new_rooms:
-            conn.executemany(
-                "INSERT OR IGNORE INTO rooms (name, created_at) VALUES (?, ?)", [(name, now) for name in new_rooms]
-            )
-        if delete_upto:
-            conn.execute("DELETE FROM recent WHERE id <= ?", (delete_upto,))
-        conn.execute("COMMIT")
-    except BaseException:
-        _rollback_sync(conn)
-        raise
-    return int(last_id)
-
-
 def _merge_recent(conn: sqlite3.Connection) -> int:
     """On the maintenance connection: copy the rows of ``recent`` not yet in the archive, in one
     archive transaction (which reads the main file as of its first read of it: every row there
@@ -1253,15 +1259,6 @@ def _read_snapshot(conn: sqlite3.Connection, room: str, *, with_data: bool = Tru
     if row is None:
         return None, 0
     return (bytes(row[0]) if row[0] is not None else None), int(row[1])
-
-
-def _rollback_sync(conn: sqlite3.Connection) -> None:
-    """End the current transaction, if any; never raises (the connection may be broken)."""
-    try:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-    except Exception:
-        pass
 
 
 async def _close_quietly(db: aiosqlite.Connection) -> None:

@@ -18,7 +18,8 @@ import pytest
 
 from storage import Store, open_store
 
-BACKENDS = ["sqlite", "postgres"]
+# sqlite-process: the SQLite store with its group commits in a child process (the server's default).
+BACKENDS = ["sqlite", "sqlite-process", "postgres"]
 OpenStore = Callable[..., Awaitable[Store]]
 
 
@@ -26,6 +27,8 @@ OpenStore = Callable[..., Awaitable[Store]]
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite://{tmp_path}/data/collab.db"
+    if request.param == "sqlite-process":
+        return f"sqlite://{tmp_path}/data/collab.db?writer=process"
     if request.param == "postgres":
         return str(request.getfixturevalue("postgres_url"))
     raise AssertionError(request.param)

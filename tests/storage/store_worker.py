@@ -1,7 +1,7 @@
 """A separate server process for the multi-process store tests (run as a script, not collected).
 
 Works with any store URL (SQLite file, PostgreSQL).
-Opens the store, prints ``ready``, waits for a line on stdin (so several workers start together),
+Opens the store, prints ``ready <pid of its SQLite writer process, or 0>``, waits for a line on stdin (so several workers start together),
 then runs TASKS writers that each append COUNT tokens (forever if COUNT < 0) and print
 ``committed <id> <writer> <token>`` after each append returned, i.e. after its commit, and
 ``compacted <True|False>`` after each compaction (``--compact-every N`` appends of a writer).
@@ -46,7 +46,8 @@ async def main() -> None:
 
     store = open_store(args.url)
     await store.open()
-    print("ready", flush=True)
+    process = getattr(store, "_process", None)  # the SQLite writer process, if it has one
+    print(f"ready {process.proc.pid if process is not None else 0}", flush=True)
     sys.stdin.readline()
     await asyncio.gather(
         *(

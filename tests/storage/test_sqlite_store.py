@@ -140,6 +140,7 @@ async def test_a_newer_schema_is_refused(opened, tmp_path: Path) -> None:
 
 
 async def spawn(url: str, name: str, *args: str) -> asyncio.subprocess.Process:
+    """A store_worker process; its ``writer_pid``: its store's writer process (0: none)."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, str(WORKER), url, "room", name, *args,
         stdin=asyncio.subprocess.PIPE,
@@ -148,8 +149,18 @@ async def spawn(url: str, name: str, *args: str) -> asyncio.subprocess.Process:
     )
     assert process.stdout is not None
     line = await asyncio.wait_for(process.stdout.readline(), timeout=30)
-    assert line == b"ready\n", line
+    assert (match := re.fullmatch(rb"ready (\d+)\n", line)), line
+    process.writer_pid = int(match[1])  # type: ignore[attr-defined]
     return process
+
+
+def running(pid: int) -> bool:
+    """Is ``pid`` a live process (not gone, not a zombie waiting to be reaped)?"""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def go(*processes: asyncio.subprocess.Process) -> None:
@@ -166,8 +177,9 @@ def committed(output: bytes) -> dict[int, tuple[str, str]]:
     return found
 
 
-async def test_processes_appending_and_compacting_together_lose_nothing(tmp_path: Path) -> None:
-    url = f"sqlite://{tmp_path}/shared.db?history_keep=0"  # compaction deletes: the risky path
+@pytest.mark.parametrize("writer", ["thread", "process"])
+async def test_processes_appending_and_compacting_together_lose_nothing(tmp_path: Path, writer: str) -> None:
+    url = f"sqlite://{tmp_path}/shared.db?history_keep=0&writer={writer}"  # compaction deletes: the risky path
     workers = [
         await spawn(url, name, "--tasks", "4", "--count", "100", "--compact-every", "20")
         for name in ("p", "q")
@@ -188,10 +200,11 @@ async def test_processes_appending_and_compacting_together_lose_nothing(tmp_path
         assert state.last_id == max(reported)
 
 
-@pytest.mark.parametrize("synchronous", ["FULL", "NORMAL"])
-async def test_kill_9_loses_no_reported_commit(tmp_path: Path, synchronous: str) -> None:
-    url = f"sqlite://{tmp_path}/crash.db?synchronous={synchronous}"
+@pytest.mark.parametrize("synchronous, writer", [("FULL", "thread"), ("NORMAL", "thread"), ("FULL", "process")])
+async def test_kill_9_loses_no_reported_commit(tmp_path: Path, synchronous: str, writer: str) -> None:
+    url = f"sqlite://{tmp_path}/crash.db?synchronous={synchronous}&writer={writer}"
     worker = await spawn(url, "k", "--tasks", "8", "--count", "-1")
+    assert (worker.writer_pid > 0) == (writer == "process")  # type: ignore[attr-defined]
     go(worker)
     assert worker.stdout is not None
     seen = b""
@@ -205,6 +218,8 @@ async def test_kill_9_loses_no_reported_commit(tmp_path: Path, synchronous: str)
     assert worker.returncode == -signal.SIGKILL
     reported = committed(seen)
     assert len(reported) >= 400
+    if writer == "process":  # the dead server's writer process sees EOF and exits on its own
+        await wait_until(lambda: not running(worker.writer_pid), timeout=10)  # type: ignore[attr-defined]
 
     async with open_store(url) as store:
         rows = {}
@@ -694,3 +709,85 @@ async def test_group_commits_go_on_while_the_archive_is_locked(opened, monkeypat
     await store.append("room-1", update_of("next"))
     assert _table_counts(store) == (1, 18)
     assert len(await store.history("room-1")) == 10
+
+
+# -- the writer process ----------------------------------------------------------------------------
+
+
+async def test_the_writer_process_commits_each_batch_and_ends_with_the_store(opened, tmp_path: Path) -> None:
+    store = await opened(writer="process")
+    assert store._process is not None and store._process.alive
+    child = store._process.proc
+    assert running(child.pid) and child.pid != os.getpid()
+    ids = await asyncio.gather(*(store.append(f"room{n % 3}", update_of(f"u{n}"), author="a") for n in range(50)))
+    assert sorted(ids) == ids == list(range(ids[0], ids[0] + 50))  # one id each, in queue order
+    assert store.commits < 50  # grouped, as in-process
+
+    # Another connection sees the rows: they were committed by the child, not held in memory here.
+    with sqlite3.connect(store.path) as probe:
+        count, = probe.execute("SELECT count(*) FROM recent WHERE author = 'a'").fetchone()
+        rooms = {row[0] for row in probe.execute("SELECT name FROM rooms")}
+    assert count == 50 and rooms == {"room0", "room1", "room2"}
+    assert text_of_store_state(None, (await store.load("room1")).updates).count("u") == 17
+
+    await store.close()
+    assert child.returncode == 0  # reaped, and it exited on its own (EOF), not killed
+
+
+async def test_a_killed_writer_process_fails_its_batch_and_is_replaced(opened) -> None:
+    store = await opened(writer="process")
+    before = await store.append("r", update_of("before"))
+    assert store._process is not None
+    first = store._process.proc
+    first.kill()
+    await asyncio.to_thread(first.wait, 10)
+
+    # Appends after the death: the batch the dead child was sent fails (StoreError), none hangs;
+    # then a new child takes over.
+    results = await append_many(store, 20)
+    assert all(isinstance(r, (int, StoreError)) for r in results), results
+    await wait_until(lambda: store._process is not None and store._process.alive and store._process.proc is not first,
+                     what="a new writer process")
+    after = await store.append("r", update_of("after"))
+    assert store._process.proc is not first and running(store._process.proc.pid)
+
+    stored = {row.id for row in await store.history("r", limit=100)}
+    kept = [r for r in results if isinstance(r, int)]
+    assert {before, after, *kept} <= stored
+    assert after > max([before, *kept])
+
+
+async def test_ctrl_c_to_the_writer_process_does_not_cut_a_commit(opened) -> None:
+    # Ctrl-C in a terminal signals the whole process group: the server drains, then closes the
+    # child's socket; the child itself ignores SIGINT.
+    store = await opened(writer="process")
+    assert store._process is not None
+    child = store._process.proc
+    os.kill(child.pid, signal.SIGINT)
+    ids = await asyncio.gather(*(store.append("r", update_of(f"u{n}")) for n in range(10)))
+    assert len(set(ids)) == 10 and store._process.proc is child and running(child.pid)
+
+
+async def test_a_writer_process_that_cannot_start_leaves_the_store_writing_in_process(
+    opened, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A child that exits at once, before it says ready (a broken interpreter, a full process table).
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    store = await opened(writer="process")
+    assert store._process is None
+    assert "cannot start the SQLite writer process" in caplog.text
+    ids = await asyncio.gather(*(store.append("r", update_of(f"u{n}")) for n in range(10)))
+    assert len(set(ids)) == 10  # written by the in-process writer meanwhile
+
+    monkeypatch.undo()  # the interpreter is back: the next batch after the retry delay starts a child
+    monkeypatch.setattr(storage_sqlite, "WRITER_PROCESS_RETRY", 0.0)
+    store._process_retry_at = 0.0
+    await store.append("r", update_of("restart"))
+    await wait_until(lambda: store._process is not None and store._process.alive, what="the writer process")
+    assert await store.append("r", update_of("by the child")) > max(ids)
+
+
+def test_writer_must_be_thread_or_process(tmp_path: Path) -> None:
+    assert open_store(f"sqlite://{tmp_path}/x.db?writer=process").writer_mode == "process"  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="writer"):
+        open_store(f"sqlite://{tmp_path}/x.db?writer=fork")
