@@ -578,10 +578,13 @@ async def test_recent_rows_move_in_bulk_and_every_read_sees_them_the_same(
     assert (await store.load("b")).updates == b
 
 
-@pytest.mark.parametrize("keep", [2, 4])
-async def test_compaction_archives_rows_still_in_recent_first(opened, monkeypatch: pytest.MonkeyPatch, keep: int) -> None:
-    """Compaction folds every row: those still only in ``recent`` are archived first, so
-    history_keep counts the newest rows of both files."""
+@pytest.mark.parametrize("keep", [2, 4, 20])
+async def test_compaction_folds_rows_still_in_recent_and_keeps_history_keep_rows(
+    opened, monkeypatch: pytest.MonkeyPatch, keep: int
+) -> None:
+    """Compaction folds every row, those still only in ``recent`` too, without moving them to the
+    archive -- unless pruning must reach them (more of them than ``history_keep``): then they are
+    archived first. Either way history_keep counts the newest rows of both files."""
     monkeypatch.setattr(storage_sqlite, "MERGE_ROWS", 6)
     store = await opened(history_keep=keep)
     doc = pycrdt.Doc()
@@ -595,15 +598,28 @@ async def test_compaction_archives_rows_still_in_recent_first(opened, monkeypatc
     ids += await store.append_many("r", typed[3:6])
     await wait_until(lambda: _table_counts(store) == (6, 6), what="the copy")
     ids += await store.append_many("r", typed[6:])
-    assert _table_counts(store) == (3, 6)
+    assert _table_counts(store) == (3, 6)  # ids[6:] only in recent
     assert await store.compact("r")
     assert [r.id for r in await store.history("r")] == ids[-keep:]
-    assert _table_counts(store) == (3, keep)  # the last 3 archived; their copies go with the next batch
+    merged = keep < 3  # pruning had to reach the 3 unarchived rows
+    # Merged: the last 3 archived, their copies go with the next batch. Not merged: they stay in
+    # recent, and the archive keeps what history_keep leaves for it.
+    assert _table_counts(store) == ((3, keep) if merged else (3, min(keep - 3, 6)))
     state = await store.load("r")
     assert state.updates == [] and text_of_store_state(state.snapshot, []) == "".join(f"u{n}" for n in range(9))
-    later = await store.append("r", update_of("later"))
-    assert _table_counts(store) == (1, keep)
+    late_update = update_of("later")
+    later = await store.append("r", late_update)
+    assert _table_counts(store) == ((1, keep) if merged else (4, min(keep - 3, 6)))
     assert [r.id for r in await store.history("r")] == ids[-keep:] + [later]
+    state = await store.load("r")  # the folded rows still in recent are not read as tail
+    assert state.updates == [late_update] and state.last_id == later
+
+    # The next merge archives them; reads and history stay the same.
+    await store.append_many("r", [(update_of(f"m{n}"), "a") for n in range(6)])
+    await wait_until(lambda: _table_counts(store)[1] > min(keep, 6), what="the next merge")
+    kept = ids[-keep:] + [later]
+    assert [r.id for r in await store.history("r")][:len(kept)] == kept
+    assert len((await store.load("r")).updates) == 7
 
 
 async def test_a_version_3_file_gets_recent_and_its_ids_go_on(opened, tmp_path: Path) -> None:
