@@ -160,6 +160,20 @@ class Connection:
         built once for every receiver."""
         return self._queue(wire if self.wire else frame)
 
+    def deliver(self, frame: bytes, wire: bytes) -> bool:
+        """``push_encoded`` and ``flush`` at once, for a message alone in its batch: written
+        straight to the socket when nothing of this connection's waits (nearly always)."""
+        socket = self._socket
+        if socket is None or self._outbox or self.close_code is not None or not socket.writable_now:
+            if not self._queue(wire if self.wire else frame):
+                return False
+            self.flush()
+            return True
+        socket.write_frame(wire)
+        self.last_sent = self.clock()
+        self.metrics.bytes_out.value += len(wire)
+        return True
+
     def _queue(self, data: bytes) -> bool:
         if self.close_code is not None:
             return False
@@ -204,7 +218,7 @@ class Connection:
         sent, self._outbox_bytes = self._outbox_bytes, 0
         socket.write_wire(frames)
         self.last_sent = self.clock()
-        self.metrics.bytes_out.inc(sent)
+        self.metrics.bytes_out.value += sent
 
     def close(self, code: int, reason: str) -> None:
         """Ask for this connection to end with ``code``; idempotent, callable from any task."""

@@ -14,9 +14,14 @@ class TokenBucket:
 
     def take(self, now: float) -> bool:
         """Spend one token if there is one; a clock that steps back refills nothing."""
-        self.tokens = min(self.capacity, self.tokens + max(0.0, now - self.stamp) * self.rate)
+        tokens = self.tokens
+        if now > self.stamp:
+            tokens += (now - self.stamp) * self.rate
+            if tokens > self.capacity:
+                tokens = self.capacity
         self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        if tokens >= 1.0:
+            self.tokens = tokens - 1.0
             return True
+        self.tokens = tokens
         return False

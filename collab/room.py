@@ -46,6 +46,7 @@ from collab.protocol import (
 )
 from collab.services import Service
 from collab.wsfast import wire_frame
+from collab.ydoc import apply_update
 from presence import RoomPresence
 
 if TYPE_CHECKING:
@@ -232,7 +233,7 @@ class Room:
             # Who made the change travels with it (``author``, stored with the row), not as a
             # transaction origin: nothing observes this Doc's transactions, and an explicit
             # transaction per update is a third of what applying it costs.
-            self.doc.apply_update(update)
+            apply_update(self.doc, update)
         except Exception:
             raise ProtocolError("update rejected by the document") from None
         self._committed(origin, update, source, author)
@@ -258,12 +259,11 @@ class Room:
     def _committed(self, origin: Origin, update: bytes, source: Connection | None, author: str | None) -> None:
         effects = EFFECTS[origin]
         if origin is Origin.CLIENT:
-            self.metrics.updates_in.inc()
+            self.metrics.updates_in.value += 1  # a LoopCounter: lock-free, event loop only
         for service in self._commit_watchers:
             service.on_commit(self, origin, update, author)
         frame = protocol.encode_update(update)
-        self._enqueue(_Pending(effects, frame, update=update, source=source, author=author,
-                               received=time.perf_counter()))
+        self._enqueue(_Pending(effects, frame, None, update, source, author, time.perf_counter()))
 
     def reply_after_durable(self, conn: Connection, frame: bytes) -> None:
         """Send ``frame`` to one member once every update applied so far is durable."""
@@ -298,7 +298,7 @@ class Room:
         if stored:
             self._undurable -= len(stored)
             self.tail_updates += len(stored)
-            self.tail_bytes += sum(len(p.update) for p in stored)
+            self.tail_bytes += sum([len(p.update) for p in stored])
         self._relay(batch)
         if not self._queue:
             self._idle.set()
@@ -308,6 +308,7 @@ class Room:
         members = self.members
         relayed = 0
         touched: set[Connection] = set()
+        alone = len(batch) == 1  # nothing to gather per member: written as it is relayed
         for item in batch:
             source = item.source
             if item.effects is None:
@@ -318,7 +319,12 @@ class Room:
                 frame = item.frame
                 wire = wire_frame(frame)  # built once, shared by every member's outbox
                 for member in members:
-                    if member is not source and member.push_encoded(frame, wire):
+                    if member is source:
+                        continue
+                    if alone:
+                        if member.deliver(frame, wire):
+                            relayed += 1
+                    elif member.push_encoded(frame, wire):
                         touched.add(member)
                         relayed += 1
             if item.effects.publish:
@@ -442,7 +448,8 @@ class RoomWriter:
                 continue
             stored = [p for p in batch if p.effects is not None and p.effects.persist]
             taken.append((room, batch, stored))
-            rows.extend((room.name, p.update, p.author) for p in stored)
+            name = room.name
+            rows += [(name, p.update, p.author) for p in stored]
         failed: set[Room] = set()
         if rows:
             started = time.perf_counter()

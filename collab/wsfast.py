@@ -218,6 +218,10 @@ class FastWebSocketProtocol(WebSocketsSansIOProtocol):
         """Write whole websocket frames (``wire_frame``) in one go."""
         self.transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
+    def write_frame(self, frame: bytes) -> None:
+        """Write one whole websocket frame (``wire_frame``)."""
+        self.transport.write(frame)
+
     def resume_writing(self) -> None:
         super().resume_writing()
         callback = self.on_writable

@@ -262,7 +262,9 @@ class RoomPresence:
         if sessions:
             now = self._clock()
             for session in sessions:
-                self._activity(session, now)
+                session.last_active = now
+                if session.idle:  # rare: only then is there anything to tell (``_activity``)
+                    self._activity(session, now)
 
     def idle_changes(self, idle_seconds: float) -> list[Session]:
         """Sessions whose idle flag flipped since the last call (the flag is updated)."""
