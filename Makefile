@@ -11,7 +11,7 @@ WEB_BUILD := $(WEB_DIR)/dist/index.html
 
 .PHONY: serve test bench bench-compare install node-deps web services clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py collab/_fastscan.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,bench]'

@@ -45,6 +45,13 @@ The scan never walks strings, binaries or JSON texts byte by byte in Python: the
 checked by C code (``bytes.isascii``, ``bytes.decode``, ``json.loads``, ``re``). Origins mostly
 repeat the same few client ids, 5-8 byte varints, so those are compared as bytes first.
 
+When the optional C extension ``collab._fastscan`` is built (``setup.py``; :data:`NATIVE_SCAN`),
+``validate_update`` runs that instead of the first (no-graph) Python scan: a port of
+``_scan_update(data, max_depth, None)`` with the same checks in the same order and the same
+messages (tests/collab/test_fastscan.py compares the two). It settles plainly valid JSON texts
+itself and hands every other JSON text to ``_check_json``; updates with more type items than
+``max_depth`` still go through the Python graph scan.
+
 Not covered, because a stateless check cannot see it:
 
 * nesting built up across *several* updates (each within ``max_depth``, each parented on the
@@ -651,6 +658,18 @@ def _scan_update(data: bytes, max_depth: int, graph: _TypeGraph | None) -> None:
         raise InvalidUpdate("trailing bytes after the update")
 
 
+try:
+    from collab import _fastscan
+except ImportError:  # not built (it is optional): the Python scan does the same, slower
+    _native_scan = None
+else:
+    _fastscan.init(invalid_update=InvalidUpdate, check_json=_check_json)
+    _native_scan = _fastscan.scan
+
+NATIVE_SCAN: bool = _native_scan is not None
+"""True when validate_update uses the C scan of collab._fastscan."""
+
+
 def validate_update(data: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
     """Check that `data` is one well-formed Yjs v1 update within the limits above.
 
@@ -660,7 +679,10 @@ def validate_update(data: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
         data = bytes(data)
     try:
         try:
-            _scan_update(data, max_depth, None)
+            if _native_scan is None or type(max_depth) is not int:
+                _scan_update(data, max_depth, None)
+            elif _native_scan(data, max_depth):  # True: more type items than max_depth
+                raise _NeedGraph
         except _NeedGraph:
             # Only an update with more type items than max_depth can nest them too deeply.
             # Such updates (rich documents) are scanned again, recording their structs.
