@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from collab import updates
+from lib0frames import child_item, nested_any_arrays, nested_maps_update, root_item, update, vs, vu
 from collab.updates import (
     InvalidUpdate,
     _NeedGraph,
@@ -104,50 +105,6 @@ def validate_outcome(data: bytes, max_depth: int = 64) -> str | None:
     except InvalidUpdate as exc:
         return str(exc)
     return None
-
-
-# --------------------------------------------------------------------------------------------
-# lib0 encoding, for hand-made frames
-
-
-def vu(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def vs(s: str | bytes) -> bytes:
-    raw = s.encode() if isinstance(s, str) else s
-    return vu(len(raw)) + raw
-
-
-def update(client: int, clock: int, structs: list[bytes], ds: bytes = b"\x00") -> bytes:
-    return vu(1) + vu(len(structs)) + vu(client) + vu(clock) + b"".join(structs) + ds
-
-
-def root_item(content_ref: int, content: bytes, name: str | bytes = "t", key: str | None = None) -> bytes:
-    info = content_ref | (0x20 if key is not None else 0)
-    return bytes([info]) + vu(1) + vs(name) + (vs(key) if key is not None else b"") + content
-
-
-def child_item(content_ref: int, content: bytes, parent: tuple[int, int], key: str) -> bytes:
-    return bytes([content_ref | 0x20]) + vu(0) + vu(parent[0]) + vu(parent[1]) + vs(key) + content
-
-
-def nested_any_arrays(depth: int) -> bytes:
-    return b"\x75\x01" * depth + b"\x7e"
-
-
-def nested_maps_update(depth: int, client: int = 5) -> bytes:
-    structs = [root_item(7, vu(1), name="m", key="k")]
-    structs += [child_item(7, vu(1), (client, i - 1), "k") for i in range(1, depth)]
-    return update(client, 0, structs)
 
 
 def sections(*parts: tuple[int, list[bytes]], ds: bytes = b"\x00") -> bytes:
