@@ -15,8 +15,9 @@ doors added for the room endpoint, which finds it in the ASGI scope after the ha
 * ``write_wire(frames)``: server→client binary frames, each already a whole websocket frame
   (``wire_frame``: never masked, never compressed — per-message deflate is off for our
   sockets), written with one ``transport.write``. A relayed update's frame is built once and
-  shared by every member. While the transport is over its high-water mark (``writable`` false)
-  the caller keeps its frames and ``on_writable`` is called when it drains.
+  shared by every member (``write_frame``: one such frame, the relay of a lone update). While
+  the transport is over its high-water mark (``writable`` false) the caller keeps its frames
+  and ``on_writable`` is called when it drains.
 
 Frames in are cut by us (``_receive``) once the connection is open: a final, masked binary
 frame within the size limit — every message a Yjs client sends — is unmasked and given to the
