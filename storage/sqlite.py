@@ -327,6 +327,11 @@ class SQLiteStore(GroupCommitStore):
         self._merge_task: asyncio.Task[None] | None = None
         self._merge_again = False  # a merge was asked for while one ran
         self._delete_upto = 0  # rows of ``recent`` up to this id are merged: the next batch deletes them
+        # The largest ``merged.upto`` this store has seen (its merges, its reads). ``merged.upto``
+        # only grows, so reads of ``recent`` start above it: the copies below it -- up to
+        # MERGE_ROWS rows until the next batch deletes them, and the rows the merges already
+        # moved -- are skipped by the rowid range instead of scanned (``recent`` has no index).
+        self._merged_floor = 0
         self._loads: list[tuple[str, asyncio.Future[RoomRead]]] = []  # room loads for the next read
         self._load_task: asyncio.Task[None] | None = None
 
@@ -519,6 +524,11 @@ class SQLiteStore(GroupCommitStore):
     def _merged(self, upto: int) -> None:
         if upto > self._delete_upto:
             self._delete_upto = upto
+        self._saw_merged(upto)
+
+    def _saw_merged(self, upto: int) -> None:
+        if upto > self._merged_floor:
+            self._merged_floor = upto
 
     async def _in_archive(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(connection, *args)`` on the maintenance connection, under its lock: the connection
@@ -663,7 +673,9 @@ class SQLiteStore(GroupCommitStore):
             batch, self._loads = self._loads[:LOAD_BATCH], self._loads[LOAD_BATCH:]
             try:
                 async with self._reading() as db:
-                    reads = await _in_thread(db, _read_rooms, list(dict.fromkeys(room for room, _ in batch)))
+                    reads, merged = await _in_thread(
+                        db, _read_rooms, list(dict.fromkeys(room for room, _ in batch)), self._merged_floor)
+                self._saw_merged(merged)
             except Exception as exc:  # noqa: BLE001 - each waiter raises it (StoreError, StoreClosed)
                 for _, future in batch:
                     if not future.done():
@@ -698,7 +710,7 @@ class SQLiteStore(GroupCommitStore):
             where += " AND author = ?"
             args.append(author)
         async with self._reading() as db:
-            rows = await _in_thread(db, _history, where, args, limit)
+            rows = await _in_thread(db, _history, where, args, limit, self._merged_floor)
         return [
             StoredUpdate(id=int(i), room=room, data=bytes(d), author=a, ts=float(t))
             for i, d, a, t in rows
@@ -961,7 +973,9 @@ class SQLiteStore(GroupCommitStore):
         """What compaction folds: the room's snapshot and every row above it, from both files."""
         self._check_open()
         try:
-            return await self._in_archive(_read_for_compaction, room)
+            read, merged = await self._in_archive(_read_for_compaction, room, self._merged_floor)
+            self._saw_merged(merged)
+            return read
         except (sqlite3.Error, ValueError) as exc:
             raise StoreError(f"compaction of {room!r} failed: {exc}") from exc
 
@@ -1101,15 +1115,17 @@ def _merge_in_transaction(conn: sqlite3.Connection) -> int:
     return int(done)
 
 
-def _read_for_compaction(conn: sqlite3.Connection, room: str) -> RoomRead:
+def _read_for_compaction(conn: sqlite3.Connection, room: str, floor: int) -> tuple[RoomRead, int]:
     """Compaction's read, on the maintenance connection, in one read transaction: the room's
     snapshot and every row above it, archived or still only in ``recent`` (read first: see "Reads
-    across the files"). No merge: forcing one per compaction (as this did until 2026-11-24) made
+    across the files"; only its rows above ``floor``, see ``_recent_rows``), and ``merged.upto``.
+    No merge: forcing one per compaction (as this did until 2026-11-24) made
     merges three times as frequent under load, each writing an index page per active room and
     syncing the archive -- two thirds of the archive's CPU at 12,500 updates/s."""
     conn.execute("BEGIN")
     try:
-        hot = conn.execute("SELECT id, data FROM hot.recent WHERE room = ? ORDER BY id", (room,)).fetchall()
+        hot = _recent_rows(conn, "SELECT id, data FROM hot.recent WHERE id > ?1 AND room = ?2 ORDER BY id",
+                           (floor, room), floor, "SELECT upto FROM merged")
         (done,) = conn.execute("SELECT upto FROM merged").fetchone()
         snapshot, upto_id = _read_snapshot(conn, room)
         rows = conn.execute(
@@ -1120,7 +1136,22 @@ def _read_for_compaction(conn: sqlite3.Connection, room: str) -> RoomRead:
     # Every archived row is at or below ``done``; the rows of ``recent`` above it follow them.
     tail = [(int(i), bytes(d)) for i, d in rows]
     tail += [(int(i), bytes(d)) for i, d in hot if i > max(done, upto_id)]
-    return snapshot, upto_id, tail
+    return (snapshot, upto_id, tail), int(done)
+
+
+def _recent_rows(conn: sqlite3.Connection, query: str, args: tuple[Any, ...], floor: int,
+                 merged_query: str) -> list[Any]:
+    """The rows of ``recent`` that ``query`` selects with ``id > floor`` (its ``?1``): ``floor``
+    is a ``merged.upto`` seen before, so every row at or below it is a copy the caller skips
+    anyway. Read first in the caller's read transaction (see "Reads across the files"); should
+    ``merged.upto`` ever be below ``floor`` (the files replaced under a running server), they are
+    read again from 0 -- in the same transaction, so from the same view of the main file."""
+    rows = conn.execute(query, args).fetchall()
+    if floor:
+        (merged,) = conn.execute(merged_query).fetchone()
+        if merged < floor:
+            rows = conn.execute(query, (0, *args[1:])).fetchall()
+    return rows
 
 
 def _copy_to_archive(conn: sqlite3.Connection) -> None:
@@ -1147,7 +1178,7 @@ def _room_names(conn: sqlite3.Connection, prefix: str) -> list[str]:
     return names
 
 
-def _read_rooms(conn: sqlite3.Connection, rooms: list[str]) -> dict[str, RoomRead]:
+def _read_rooms(conn: sqlite3.Connection, rooms: list[str], floor: int) -> tuple[dict[str, RoomRead], int]:
     """Snapshot, upto_id and tail rows of each of ``rooms`` (distinct), on the reader, in one read
     transaction (see "Reads across the files" for the order): ``recent`` first, then the
     snapshots, ``merged`` and the archived rows above each room's snapshot -- one statement each,
@@ -1156,8 +1187,9 @@ def _read_rooms(conn: sqlite3.Connection, rooms: list[str]) -> dict[str, RoomRea
     marks = ",".join("?" * len(rooms))
     conn.execute("BEGIN")
     try:
-        hot = conn.execute(
-            f"SELECT room, id, data FROM main.recent WHERE room IN ({marks}) ORDER BY id", rooms).fetchall()
+        hot = _recent_rows(
+            conn, f"SELECT room, id, data FROM main.recent WHERE id > ?1 AND room IN ({marks}) ORDER BY id",
+            (floor, *rooms), floor, "SELECT upto FROM archive.merged")
         snapshots = {room: (data, int(upto)) for room, data, upto in conn.execute(
             f"SELECT room, data, upto_id FROM snapshots WHERE room IN ({marks})", rooms).fetchall()}
         (merged,) = conn.execute("SELECT upto FROM archive.merged").fetchone()
@@ -1179,15 +1211,17 @@ def _read_rooms(conn: sqlite3.Connection, rooms: list[str]) -> dict[str, RoomRea
     for room in rooms:
         data = snapshots[room][0] if room in snapshots else None
         reads[room] = (bytes(data) if data is not None else None), upto[room], tails[room]
-    return reads
+    return reads, int(merged)
 
 
-def _history(conn: sqlite3.Connection, where: str, args: list[Any], limit: int) -> list[tuple[Any, ...]]:
-    """``history``'s rows, from both files in one read transaction (main file first)."""
+def _history(conn: sqlite3.Connection, where: str, args: list[Any], limit: int, floor: int) -> list[tuple[Any, ...]]:
+    """``history``'s rows, from both files in one read transaction (main file first; its rows
+    above ``floor``, see ``_recent_rows``)."""
     conn.execute("BEGIN")
     try:
-        hot = conn.execute(
-            f"SELECT id, data, author, ts FROM main.recent WHERE {where} ORDER BY id", args).fetchall()
+        hot = _recent_rows(
+            conn, f"SELECT id, data, author, ts FROM main.recent WHERE id > ?1 AND {where} ORDER BY id",
+            (floor, *args), floor, "SELECT upto FROM archive.merged")
         (merged,) = conn.execute("SELECT upto FROM archive.merged").fetchone()
         rows = conn.execute(
             f"SELECT id, data, author, ts FROM archive.updates WHERE {where} ORDER BY id LIMIT ?",
