@@ -1066,8 +1066,11 @@ def _call_with_connection(db: aiosqlite.Connection, fn: Callable[..., T], args: 
 
 # After the writer process failed to start, try again this much later (writing in-process meanwhile).
 WRITER_PROCESS_RETRY = 5.0
-# Rows a process puts in ``recent`` before it has them all copied to the archive.
-MERGE_ROWS = 2048
+# Rows a process puts in ``recent`` before it has them all copied to the archive. Each merge
+# writes an index page per room in it whatever its number of rows there: 2,048 -> 8,192 took the
+# archive thread from ~12 to ~10.5 us of CPU per update at 10,000 updates/s in 250 rooms (reads
+# of ``recent`` skip the merged rows by rowid, so a longer ``recent`` costs them nothing).
+MERGE_ROWS = 8192
 # Rooms read by one batched load (``_read_rooms``): three bound parameters each.
 LOAD_BATCH = 256
 # The maintenance connection's page cache: the archive index's pages each merge touches (one per
