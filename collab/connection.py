@@ -164,7 +164,8 @@ class Connection:
         """``push_encoded`` and ``flush`` at once, for a message alone in its batch: written
         straight to the socket when nothing of this connection's waits (nearly always)."""
         socket = self._socket
-        if socket is None or self._outbox or self.close_code is not None or not socket.writable_now:
+        if (socket is None or self._outbox or self.close_code is not None
+                or socket.write_paused or socket.close_sent or socket.disconnected):  # writable_now, inline
             if not self._queue(wire if self.wire else frame):
                 return False
             self.flush()

@@ -83,6 +83,9 @@ class FastWebSocketProtocol(WebSocketsSansIOProtocol):
     partial: bytearray | None = None  # the start of a frame not yet complete
     need = 0  # how long ``partial`` must grow before it holds the whole frame (0: header unread)
     _opened: AbstractContextManager[Any] | None = None  # ``batch`` entered for the current read
+    # The transport is over its high-water mark: uvicorn's ``writable`` event, cleared, as a plain
+    # attribute (read for every frame a relay writes: no method call).
+    write_paused = False
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
@@ -213,7 +216,8 @@ class FastWebSocketProtocol(WebSocketsSansIOProtocol):
 
     @property
     def writable_now(self) -> bool:
-        return self.writable.is_set() and not self.close_sent and not self.disconnected
+        """A frame written now goes out (``Connection`` reads the three attributes inline)."""
+        return not self.write_paused and not self.close_sent and not self.disconnected
 
     def write_wire(self, frames: list[bytes]) -> None:
         """Write whole websocket frames (``wire_frame``) in one go."""
@@ -223,7 +227,12 @@ class FastWebSocketProtocol(WebSocketsSansIOProtocol):
         """Write one whole websocket frame (``wire_frame``)."""
         self.transport.write(frame)
 
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        super().pause_writing()
+
     def resume_writing(self) -> None:
+        self.write_paused = False
         super().resume_writing()
         callback = self.on_writable
         if callback is not None:
