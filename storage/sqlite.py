@@ -1127,9 +1127,8 @@ def _read_for_compaction(conn: sqlite3.Connection, room: str, floor: int) -> tup
     syncing the archive -- two thirds of the archive's CPU at 12,500 updates/s."""
     conn.execute("BEGIN")
     try:
-        hot = _recent_rows(conn, "SELECT id, data FROM hot.recent WHERE id > ?1 AND room = ?2 ORDER BY id",
-                           (floor, room), floor, "SELECT upto FROM merged")
-        (done,) = conn.execute("SELECT upto FROM merged").fetchone()
+        hot, done = _recent_rows(conn, "SELECT id, data FROM hot.recent WHERE id > ?1 AND room = ?2 ORDER BY id",
+                                 (floor, room), floor, "SELECT upto FROM merged")
         snapshot, upto_id = _read_snapshot(conn, room)
         rows = conn.execute(
             "SELECT id, data FROM updates WHERE room = ? AND id > ? ORDER BY id", (room, upto_id)
@@ -1139,22 +1138,22 @@ def _read_for_compaction(conn: sqlite3.Connection, room: str, floor: int) -> tup
     # Every archived row is at or below ``done``; the rows of ``recent`` above it follow them.
     tail = [(int(i), bytes(d)) for i, d in rows]
     tail += [(int(i), bytes(d)) for i, d in hot if i > max(done, upto_id)]
-    return (snapshot, upto_id, tail), int(done)
+    return (snapshot, upto_id, tail), done
 
 
 def _recent_rows(conn: sqlite3.Connection, query: str, args: tuple[Any, ...], floor: int,
-                 merged_query: str) -> list[Any]:
-    """The rows of ``recent`` that ``query`` selects with ``id > floor`` (its ``?1``): ``floor``
-    is a ``merged.upto`` seen before, so every row at or below it is a copy the caller skips
-    anyway. Read first in the caller's read transaction (see "Reads across the files"); should
-    ``merged.upto`` ever be below ``floor`` (the files replaced under a running server), they are
-    read again from 0 -- in the same transaction, so from the same view of the main file."""
+                 merged_query: str) -> tuple[list[Any], int]:
+    """The rows of ``recent`` that ``query`` selects with ``id > floor`` (its ``?1``), then
+    ``merged.upto`` (``merged_query``): the first reads of the caller's read transaction, in the
+    order "Reads across the files" needs. ``floor`` is a ``merged.upto`` seen before, so every row
+    at or below it is a copy the caller skips anyway; should ``merged.upto`` ever be below it (the
+    files replaced under a running server), the rows are read again from 0 -- in the same
+    transaction, so from the same view of the main file."""
     rows = conn.execute(query, args).fetchall()
-    if floor:
-        (merged,) = conn.execute(merged_query).fetchone()
-        if merged < floor:
-            rows = conn.execute(query, (0, *args[1:])).fetchall()
-    return rows
+    (merged,) = conn.execute(merged_query).fetchone()
+    if merged < floor:
+        rows = conn.execute(query, (0, *args[1:])).fetchall()
+    return rows, int(merged)
 
 
 def _copy_to_archive(conn: sqlite3.Connection) -> None:
@@ -1183,19 +1182,18 @@ def _room_names(conn: sqlite3.Connection, prefix: str) -> list[str]:
 
 def _read_rooms(conn: sqlite3.Connection, rooms: list[str], floor: int) -> tuple[dict[str, RoomRead], int]:
     """Snapshot, upto_id and tail rows of each of ``rooms`` (distinct), on the reader, in one read
-    transaction (see "Reads across the files" for the order): ``recent`` first, then the
-    snapshots, ``merged`` and the archived rows above each room's snapshot -- one statement each,
+    transaction (see "Reads across the files" for the order): ``recent`` first, then
+    ``merged``, the snapshots and the archived rows above each room's snapshot -- one statement each,
     whatever the number of rooms (``CROSS JOIN`` keeps the rooms as the outer loop, so each
     room's rows come from the (room, id) index)."""
     marks = ",".join("?" * len(rooms))
     conn.execute("BEGIN")
     try:
-        hot = _recent_rows(
+        hot, merged = _recent_rows(
             conn, f"SELECT room, id, data FROM main.recent WHERE id > ?1 AND room IN ({marks}) ORDER BY id",
             (floor, *rooms), floor, "SELECT upto FROM archive.merged")
         snapshots = {room: (data, int(upto)) for room, data, upto in conn.execute(
             f"SELECT room, data, upto_id FROM snapshots WHERE room IN ({marks})", rooms).fetchall()}
-        (merged,) = conn.execute("SELECT upto FROM archive.merged").fetchone()
         upto = {room: snapshots[room][1] if room in snapshots else 0 for room in rooms}
         wanted = [value for room in rooms for value in (room, upto[room])]
         archived = conn.execute(
@@ -1214,7 +1212,7 @@ def _read_rooms(conn: sqlite3.Connection, rooms: list[str], floor: int) -> tuple
     for room in rooms:
         data = snapshots[room][0] if room in snapshots else None
         reads[room] = (bytes(data) if data is not None else None), upto[room], tails[room]
-    return reads, int(merged)
+    return reads, merged
 
 
 def _history(conn: sqlite3.Connection, where: str, args: list[Any], limit: int, floor: int) -> list[tuple[Any, ...]]:
@@ -1222,10 +1220,9 @@ def _history(conn: sqlite3.Connection, where: str, args: list[Any], limit: int, 
     above ``floor``, see ``_recent_rows``)."""
     conn.execute("BEGIN")
     try:
-        hot = _recent_rows(
+        hot, merged = _recent_rows(
             conn, f"SELECT id, data, author, ts FROM main.recent WHERE id > ?1 AND {where} ORDER BY id",
             (floor, *args), floor, "SELECT upto FROM archive.merged")
-        (merged,) = conn.execute("SELECT upto FROM archive.merged").fetchone()
         rows = conn.execute(
             f"SELECT id, data, author, ts FROM archive.updates WHERE {where} ORDER BY id LIMIT ?",
             (*args, limit)).fetchall()
