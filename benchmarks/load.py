@@ -12,9 +12,9 @@ Theory of operation
 * Each step has a schedule (every sender at ``rate`` with a random phase); the worker sends what is
   due, sleeps until the next send (at least ``SEND_TICK``: never a busy loop, which would take
   the CPU the server under test needs), records how late each send was (*send slip*) and
-  measures its own event-loop lag. Slip or lag
-  above a few ms, or a worker near 100% CPU, means the client side was saturated: the step
-  reports ``client.saturated`` and the numbers are a lower bound for the server.
+  measures its own event-loop lag. Slip or lag above a few ms, or a worker near 100% CPU, means
+  the client side was saturated: the step reports ``client.saturated`` and the numbers are a
+  lower bound for the server.
 * Latency is sender→receiver: from the moment a frame is written to the socket until each other
   member of the room has it. Deliveries still missing after the drain window count as infinitely
   late (so losing >1% makes p99 infinite) and are reported as ``undelivered``.
