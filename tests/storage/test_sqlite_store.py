@@ -502,6 +502,42 @@ async def test_commits_are_paced_under_load_but_light_load_goes_at_once(opened) 
     assert store.commits == 5
 
 
+def test_a_paced_commit_waits_on_one_timer_under_uvloop(tmp_path: Path) -> None:
+    # The server runs on uvloop, whose clock and timers count whole milliseconds: a pacing wait
+    # of a fraction of a millisecond fired on the next loop iteration, found the clock unmoved
+    # and armed the timer again -- the event loop spun until the millisecond turned. Counted
+    # here: timers armed per paced commit (one wait each), in the loop the server uses.
+    uvloop = pytest.importorskip("uvloop")
+    armed = 0
+
+    class CountingLoop(uvloop.Loop):  # type: ignore[misc, name-defined]
+        def call_later(self, delay, callback, *args, **kwargs):  # type: ignore[no-untyped-def]
+            nonlocal armed
+            armed += 1
+            return super().call_later(delay, callback, *args, **kwargs)
+
+    async def paced_rounds() -> tuple[int, int]:
+        store = SQLiteStore(tmp_path / "collab.db", commit_interval=0.002)
+        await store.open()
+        try:
+            # Each round of 5 appends arrives while the previous round's commit (5 >= the
+            # pacing threshold) has just started: it waits out the rest of the 2 ms interval.
+            await asyncio.gather(*(store.append("r", update_of(f"warm {n}")) for n in range(5)))
+            before_armed, before_commits = armed, store.commits
+            for round_ in range(60):
+                await asyncio.gather(*(store.append("r", update_of(f"{round_}.{n}")) for n in range(5)))
+            return armed - before_armed, store.commits - before_commits
+        finally:
+            await store.close()
+
+    with asyncio.Runner(loop_factory=CountingLoop) as runner:
+        timers, commits = runner.run(paced_rounds())
+    assert commits >= 60  # every round waited for its own commit
+    # At most two timers per paced wait (a 1.4 ms rest is a 1 ms timer, then the remainder),
+    # and a few for anything else. The spinning wait armed ~10,000 for these 60 commits.
+    assert timers <= 2 * commits + 10, f"{timers} timers armed for {commits} commits"
+
+
 async def test_without_pacing_each_spread_out_append_commits_on_its_own(opened) -> None:
     # The control for the test above: commit_interval=0 commits as soon as possible.
     store = await opened(commit_interval=0)
