@@ -10,12 +10,13 @@ Servers, each started on loopback in turn, alone on the machine while it is meas
 * ``pycrdt`` — pycrdt-websocket 0.16 under uvicorn with a pycrdt-store ``SQLiteYStore`` per room.
 
 For each: 1,000 clients in 250 rooms (4 per room, all typing); a rate search (from 400 updates/s,
-×1.5 per step until p99 > 50 ms or loss, then two bisection steps; before each step a probe waits until the server has worked
-off any backlog) for the sustainable updates/s; on a fresh process, latency at a fixed load (500
-updates/s); a replay of the first 20,000 automerge-paper keystrokes (1 writer + 1 reader, max speed);
-warm and cold join of the whole automerge-paper document; then, on a fresh process, memory per idle
-connection. Results: ``results/compare.jsonl``, ``results/compare.png`` and the ``compare`` section
-of ``results/latest.md`` (and of the repository README's benchmark block).
+×1.5 per step until p99 > 50 ms or loss, then three bisection steps, which end ~5% apart; before
+each step a probe waits until the server has worked off any backlog) for the sustainable
+updates/s; on a fresh process, latency at a fixed load (500 updates/s); a replay of the first
+20,000 automerge-paper keystrokes (1 writer + 1 reader, max speed); warm and cold join of the whole
+automerge-paper document; then, on a fresh process, memory per idle connection. Results:
+``results/compare.jsonl``, ``results/compare.png`` and the ``compare`` section of
+``results/latest.md`` (and of the repository README's benchmark block).
 
 How each server holds the automerge-paper document for the join: ours and Node receive it through
 the websocket, update by update (Node keeps it in memory only, so it has no cold join); for
@@ -43,7 +44,7 @@ from benchmarks.stats import fmt_ms
 
 FULL = {
     "rooms": 250, "clients_per_room": 4, "warmup_rate": 200.0, "fixed_rate": 500.0, "fixed_duration": 8.0,
-    "search_start": 400.0, "search_factor": 1.5, "refine_steps": 2, "step_duration": 10.0, "drain": 2.0,
+    "search_start": 400.0, "search_factor": 1.5, "refine_steps": 3, "step_duration": 10.0, "drain": 2.0,
     "p99_limit_ms": 50.0, "replay_prefix": 20_000, "join_limit": None, "join_warm": 3, "join_cold": 2, "idle_connections": 5_000,
     "max_steps": 12,
 }
