@@ -520,8 +520,8 @@ def test_a_paced_commit_waits_on_one_timer_under_uvloop(tmp_path: Path) -> None:
         store = SQLiteStore(tmp_path / "collab.db", commit_interval=0.002)
         await store.open()
         try:
-            # Each round of 5 appends arrives while the previous round's commit (5 >= the
-            # pacing threshold) has just started: it waits out the rest of the 2 ms interval.
+            # Each round of 5 appends (enough to pace the next commit) arrives as soon as the
+            # previous round's commit is done, within 2 ms of its start: it waits out the rest.
             await asyncio.gather(*(store.append("r", update_of(f"warm {n}")) for n in range(5)))
             before_armed, before_commits = armed, store.commits
             for round_ in range(60):
