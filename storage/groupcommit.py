@@ -15,11 +15,11 @@ A backend subclasses ``GroupCommitStore`` and supplies ``_open_backend`` / ``_cl
   its resumption after the write). Either way one batch is written at a time.
 * Pacing: under load — the previous batch held ``PACE_FROM`` or more appends — transactions
   start at most once per ``commit_interval`` (2 ms by default); a small batch ready sooner waits
-  out the rest of the interval (at least ``PACE_MIN_WAIT``). Each commit costs a sync of the log (fsync for SQLite, a WAL
-  flush for PostgreSQL) whatever its size, so a busy server doing fewer, larger commits spends
-  far less CPU per update (measured: 750 → 430 commits/s at 7,000 updates/s, 6% less server
-  CPU). Light load (batches of one or two) is never delayed, nor is an append after a quiet
-  spell or a batch of ``PACE_BELOW`` or more.
+  out the rest of the interval (at least ``PACE_MIN_WAIT``). Each commit costs a sync of the log
+  (fsync for SQLite, a WAL flush for PostgreSQL) whatever its size, so a busy server doing fewer,
+  larger commits spends far less CPU per update (measured: 750 → 430 commits/s at 7,000
+  updates/s, 6% less server CPU). Light load (batches of one or two) is never delayed, nor is an
+  append after a quiet spell or a batch of ``PACE_BELOW`` or more.
 * Backpressure: appends wait (before queueing) while ``max_pending`` updates or ``max_pending_bytes``
   are queued or being written, so a slow database slows producers instead of growing memory. An
   ``append_rows`` of more than that starts writing its first rows before it waits for room.
@@ -317,8 +317,9 @@ class GroupCommitStore(Store):
             self._fail(leftover, lambda: StoreClosed("the store's writer stopped"))
 
     def _pace_wait(self, loop: asyncio.AbstractEventLoop) -> float:
-        """How long the next batch should wait: the rest of the commit interval if the last batch
-        was big enough to pace and this one is still small; 0 otherwise (and when closing)."""
+        """How long the next batch should wait: the rest of the commit interval (at least
+        ``PACE_MIN_WAIT``) if the last batch was big enough to pace and this one is still small;
+        0 otherwise (and when closing)."""
         if self._last_size < PACE_FROM or len(self._pending) >= PACE_BELOW or self._state != "open":
             return 0.0
         wait = self._last_start + self.commit_interval - loop.time()
